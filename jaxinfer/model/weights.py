@@ -1,0 +1,122 @@
+"""The one declaration of every weight: shape, logical axis names and initialiser.
+
+Everything else derives from :func:`weight_specs`: the Flax NNX parameters of
+:class:`jaxinfer.model.transformer.Transformer`, the abstract tree a checkpoint
+is restored into, the shardings (``jaxinfer.sharding``), random init in tests,
+and the set of names a converter must fill exactly once.
+
+Names are ``/``-separated paths into a nested dict. Per-layer weights are stacked
+over a leading ``layers`` axis so that the forward pass scans over layers.
+Projection layouts (all "input dims first"):
+
+    embed        [vocab, embed]
+    layers/wq    [layers, embed, heads, head_dim]
+    layers/wk    [layers, embed, kv_heads, head_dim]
+    layers/wv    [layers, embed, kv_heads, head_dim]
+    layers/wo    [layers, heads, head_dim, embed]
+    layers/w_gate, layers/w_up [layers, embed, mlp];  layers/w_down [layers, mlp, embed]
+    lm_head      [embed, vocab]          (absent when embeddings are tied)
+
+Norm weights are stored exactly as the reference implementation holds them
+(Gemma's without the +1; ``ModelConfig.norm_offset`` adds it at run time).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from jaxinfer.config import ModelConfig
+
+Init = Literal["normal", "zeros", "norm"]
+
+
+@dataclass(frozen=True)
+class WeightSpec:
+    shape: tuple[int, ...]
+    axes: tuple[str | None, ...]  # logical axis names, one per dim
+    init: Init = "normal"
+
+    def __post_init__(self) -> None:
+        if len(self.shape) != len(self.axes):
+            raise ValueError(f"shape {self.shape} and axes {self.axes} differ in rank")
+
+
+def weight_specs(cfg: ModelConfig) -> dict[str, WeightSpec]:
+    L, D, H, K, Hd, F, V = (
+        cfg.num_layers,
+        cfg.hidden_size,
+        cfg.num_heads,
+        cfg.num_kv_heads,
+        cfg.head_dim,
+        cfg.intermediate_size,
+        cfg.vocab_size,
+    )
+    s: dict[str, WeightSpec] = {
+        "embed": WeightSpec((V, D), ("vocab", "embed")),
+        "layers/attn_norm": WeightSpec((L, D), ("layers", "norm"), "norm"),
+        "layers/wq": WeightSpec((L, D, H, Hd), ("layers", "embed", "heads", "head_dim")),
+        "layers/wk": WeightSpec((L, D, K, Hd), ("layers", "embed", "kv_heads", "head_dim")),
+        "layers/wv": WeightSpec((L, D, K, Hd), ("layers", "embed", "kv_heads", "head_dim")),
+        "layers/wo": WeightSpec((L, H, Hd, D), ("layers", "heads", "head_dim", "embed")),
+        "layers/mlp_norm": WeightSpec((L, D), ("layers", "norm"), "norm"),
+        "layers/w_gate": WeightSpec((L, D, F), ("layers", "embed", "mlp")),
+        "layers/w_up": WeightSpec((L, D, F), ("layers", "embed", "mlp")),
+        "layers/w_down": WeightSpec((L, F, D), ("layers", "mlp", "embed")),
+        "final_norm": WeightSpec((D,), ("norm",), "norm"),
+    }
+    if cfg.attention_bias:
+        s["layers/bq"] = WeightSpec((L, H, Hd), ("layers", "heads", "head_dim"), "zeros")
+        s["layers/bk"] = WeightSpec((L, K, Hd), ("layers", "kv_heads", "head_dim"), "zeros")
+        s["layers/bv"] = WeightSpec((L, K, Hd), ("layers", "kv_heads", "head_dim"), "zeros")
+    if cfg.qk_norm:
+        s["layers/q_norm"] = WeightSpec((L, Hd), ("layers", "norm"), "norm")
+        s["layers/k_norm"] = WeightSpec((L, Hd), ("layers", "norm"), "norm")
+    if cfg.post_norms:
+        s["layers/post_attn_norm"] = WeightSpec((L, D), ("layers", "norm"), "norm")
+        s["layers/post_mlp_norm"] = WeightSpec((L, D), ("layers", "norm"), "norm")
+    if not cfg.tie_embeddings:
+        s["lm_head"] = WeightSpec((D, V), ("embed", "vocab"))
+    return s
+
+
+def random_weights(cfg: ModelConfig, seed: int = 0, dtype=np.float32, scale: float = 0.02) -> dict[str, np.ndarray]:
+    """Random weights as a flat ``{name: array}`` dict (numpy, host memory)."""
+    rng = np.random.default_rng(seed)
+    out: dict[str, np.ndarray] = {}
+    for name, spec in weight_specs(cfg).items():
+        if spec.init == "normal":
+            a = rng.standard_normal(spec.shape, dtype=np.float32) * scale
+        elif spec.init == "zeros":
+            a = rng.standard_normal(spec.shape, dtype=np.float32) * scale
+        else:  # norms: around the identity scale, not exactly it, so tests see them
+            base = 0.0 if cfg.norm_offset else 1.0
+            a = base + rng.standard_normal(spec.shape, dtype=np.float32) * 0.1
+        out[name] = a.astype(dtype)
+    return out
+
+
+def nest(flat: dict[str, object]) -> dict[str, object]:
+    """``{"layers/wq": x}`` -> ``{"layers": {"wq": x}}``."""
+    tree: dict[str, object] = {}
+    for name, value in flat.items():
+        node = tree
+        *parents, leaf = name.split("/")
+        for p in parents:
+            node = node.setdefault(p, {})  # type: ignore[assignment]
+        node[leaf] = value
+    return tree
+
+
+def flatten(tree: dict[str, object], prefix: str = "") -> dict[str, object]:
+    """Inverse of :func:`nest`."""
+    out: dict[str, object] = {}
+    for k, v in tree.items():
+        name = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, name + "/"))
+        else:
+            out[name] = v
+    return out
