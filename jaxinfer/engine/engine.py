@@ -1,0 +1,533 @@
+"""The compiled engine: jitted prefill and decode over a preallocated KV cache.
+
+* The KV cache and the per-slot decode state (last token, length, sampling
+  parameters, token counts for penalties) live on the device in one
+  :class:`DecodeState`, allocated once and donated to every call, so no second
+  copy of the cache ever exists.
+* ``prefill`` writes one padded prompt (or a chunk of one, at an offset) into a
+  slot and samples its first token. ``decode`` runs one step for every slot and
+  feeds the sampled tokens back on the device, so steps can be dispatched
+  before the host has read the previous step's tokens.
+* Prompt lengths pad to a few buckets and attention reads only a bucketed span
+  of the cache (a decode step at length 100 does not pay for ``max_len``). Every
+  (bucket, span) variant is compiled ahead of time by :meth:`Engine.compile`;
+  serving calls the compiled executables only, so nothing compiles while serving.
+* Weights and state are placed on a ``("data", "model")`` mesh by the logical
+  axis rules in :mod:`jaxinfer.sharding`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jaxinfer import sharding as shd
+from jaxinfer.config import ModelConfig
+from jaxinfer.engine.sampling import Sampled, SlotSampling, sample
+from jaxinfer.engine.types import EngineStats, SamplingParams, ScoreOutput, SlotToken
+from jaxinfer.model.transformer import KVCache, Transformer
+
+log = logging.getLogger(__name__)
+F32 = jnp.float32
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    slots: int = 8
+    max_len: int = 2048
+    # Prompt pieces pad to the smallest bucket that holds them; the largest bucket
+    # is the chunk size for longer prompts.
+    prefill_buckets: tuple[int, ...] = (32, 128, 512)
+    min_span: int = 128  # smallest attended span (power-of-two spans up to max_len)
+    cache_dtype: str | None = None  # default: the weights' dtype
+    # Bytes for the KV cache; when set, ``slots`` is derived from it.
+    memory_budget_bytes: int | None = None
+    unroll: int = 1  # lax.scan unroll over layers
+    score_chunk: int = 128  # positions per logits chunk when scoring
+    seed: int = 0  # seed for requests that give none
+
+    def resolved(self, cfg: ModelConfig, cache_dtype) -> "EngineConfig":
+        if self.max_len > cfg.max_position_embeddings:
+            raise ValueError(
+                f"max_len={self.max_len} exceeds the model's max_position_embeddings={cfg.max_position_embeddings}"
+            )
+        slots = self.slots
+        if self.memory_budget_bytes:
+            per_slot = KVCache.bytes_per_token(cfg, cache_dtype) * self.max_len
+            slots = int(self.memory_budget_bytes // per_slot)
+            if slots < 1:
+                raise ValueError(
+                    f"memory budget {self.memory_budget_bytes} B holds no slot of max_len={self.max_len} "
+                    f"({per_slot} B per slot)"
+                )
+        buckets = tuple(sorted({min(b, self.max_len) for b in self.prefill_buckets}))
+        return dataclasses.replace(self, slots=slots, prefill_buckets=buckets)
+
+
+@jax.tree_util.register_dataclass
+@dataclass
+class DecodeState:
+    """Everything the device keeps per slot between calls (donated each call)."""
+
+    cache: KVCache
+    tokens: jax.Array  # i32 [slots]: next decode input (last sampled token)
+    lengths: jax.Array  # i32 [slots]: tokens in the cache = position of the next token
+    sampling: SlotSampling  # [slots] each
+    counts: jax.Array  # i32 [slots, vocab]: generated-token counts (penalties)
+    seen: jax.Array  # bool [slots, vocab]: tokens in prompt or output (repetition penalty)
+
+
+def _pow2_spans(min_span: int, max_len: int) -> tuple[int, ...]:
+    spans, s = [], min(min_span, max_len)
+    while s < max_len:
+        spans.append(s)
+        s *= 2
+    spans.append(max_len)
+    return tuple(spans)
+
+
+def _round_up(n: int, buckets: Sequence[int]) -> int:
+    for b in buckets:
+        if n <= b:
+            return b
+    raise ValueError(f"length {n} exceeds the largest bucket {buckets[-1]}")
+
+
+class _Step:
+    """Handle of a dispatched decode step; ``result()`` blocks."""
+
+    def __init__(self, out: Sampled, active: Sequence[int], want_top: dict[int, int]):
+        self._out, self._active, self._want_top = out, list(active), want_top
+
+    def result(self) -> dict[int, SlotToken]:
+        token = np.asarray(self._out.token)
+        lp = np.asarray(self._out.logprob)
+        need_top = any(self._want_top.get(s, 0) for s in self._active)
+        top_ids = np.asarray(self._out.top_ids) if need_top else None
+        top_lp = np.asarray(self._out.top_logprobs) if need_top else None
+        res = {}
+        for s in self._active:
+            n = self._want_top.get(s, 0)
+            res[s] = SlotToken(
+                int(token[s]),
+                float(lp[s]),
+                tuple(int(i) for i in top_ids[s, :n]) if n else (),
+                tuple(float(v) for v in top_lp[s, :n]) if n else (),
+            )
+        return res
+
+
+class Engine:
+    """Prefill/decode/score over one model on one mesh. Not thread-safe: one
+    driver (the scheduler thread, or a script) calls it."""
+
+    def __init__(
+        self,
+        model: Transformer,
+        config: EngineConfig = EngineConfig(),
+        *,
+        mesh: Mesh | None = None,
+        tokenizer=None,
+        name: str = "",
+    ):
+        self.cfg: ModelConfig = model.cfg
+        self.mesh = mesh or shd.make_mesh()
+        self.tokenizer = tokenizer
+        self.name = name or self.cfg.name
+        self.graphdef, params = nnx.split(model)
+        self.dtype = jax.tree.leaves(params)[0].dtype
+        cache_dtype = jnp.dtype(config.cache_dtype or self.dtype)
+        self.config = config.resolved(self.cfg, cache_dtype)
+        self.num_slots = self.config.slots
+        self.max_len = self.config.max_len
+        self.prefill_chunk = self.config.prefill_buckets[-1]
+        self.spans = _pow2_spans(self.config.min_span, self.max_len)
+        self.params = self._place_params(params)
+        self.state = self._init_state(cache_dtype)
+        self._host_len = np.zeros(self.num_slots, np.int64)
+        self._want_top: dict[int, int] = {}
+        self._compiled: dict[tuple, object] = {}
+        self._score_jit = {}
+        self.compile_seconds: dict[str, float] = {}
+        self._build_jits()
+
+    # --- construction ------------------------------------------------------
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        path: str | Path,
+        *,
+        mesh: Mesh | str | None = None,
+        dtype: str | None = None,
+        config: EngineConfig | None = None,
+        **overrides,
+    ) -> "Engine":
+        from jaxinfer.checkpoint import load_checkpoint
+
+        if not isinstance(mesh, Mesh):
+            mesh = shd.make_mesh(mesh)
+        ckpt = load_checkpoint(path, mesh=mesh, dtype=dtype)
+        model = Transformer(ckpt.config, params=ckpt.params)
+        config = dataclasses.replace(config or EngineConfig(), **overrides)
+        return cls(model, config, mesh=mesh, tokenizer=ckpt.tokenizer, name=ckpt.config.name)
+
+    def _place_params(self, params):
+        shardings = shd.weight_shardings(self.cfg, self.mesh)
+        flat = dict(nnx.to_flat_state(params))
+        placed = {}
+        for path, var in flat.items():
+            name = "/".join(str(p) for p in path)
+            placed[path] = jax.device_put(var[...], shardings[name])
+        for path, var in flat.items():
+            var.set_value(placed[path]) if hasattr(var, "set_value") else setattr(var, "value", placed[path])
+        return params
+
+    def _state_shardings(self) -> DecodeState:
+        m = self.mesh
+        S, V = self.num_slots, self.cfg.vocab_size
+        cache_shape = KVCache.shape(self.cfg, S, self.max_len)
+        cs = shd.named_sharding(KVCache.axes(), cache_shape, m, what="kv cache")
+        slot = shd.named_sharding(("slots",), (S,), m, what="slots")
+        slot2 = shd.named_sharding(("slots", None), (S, 2), m, what="seeds")
+        sv = shd.named_sharding(("slots", "vocab"), (S, V), m, what="token counts")
+        samp = SlotSampling(*([slot] * 7), seed=slot2)
+        return DecodeState(KVCache(cs, cs), slot, slot, samp, sv, sv)
+
+    def _init_state(self, cache_dtype) -> DecodeState:
+        S, V = self.num_slots, self.cfg.vocab_size
+        self._shardings = sh = self._state_shardings()
+        cache = KVCache.zeros(self.cfg, S, self.max_len, cache_dtype, sh.cache.k)
+
+        def build():
+            return DecodeState(
+                cache=None,
+                tokens=jnp.zeros((S,), jnp.int32),
+                lengths=jnp.zeros((S,), jnp.int32),
+                sampling=SlotSampling.zeros(S),
+                counts=jnp.zeros((S, V), jnp.int32),
+                seen=jnp.zeros((S, V), jnp.bool_),
+            )
+
+        rest = jax.jit(build, out_shardings=dataclasses.replace(sh, cache=None))()
+        return dataclasses.replace(rest, cache=cache)
+
+    # --- the compiled functions ---------------------------------------------
+
+    def _build_jits(self) -> None:
+        graphdef, cfg, ecfg = self.graphdef, self.cfg, self.config
+        max_len, unroll = self.max_len, ecfg.unroll
+        rep = NamedSharding(self.mesh, PartitionSpec())
+        sh = self._shardings
+
+        def prefill(params, ds: DecodeState, tokens, slots, start, n, rows: SlotSampling, last, *, span):
+            model = nnx.merge(graphdef, params)
+            P, T = tokens.shape
+            idx = jnp.arange(T, dtype=jnp.int32)[None, :]
+            valid = idx < n[:, None]
+            positions = jnp.where(valid, start[:, None] + idx, max_len)
+            hidden, cache = model(tokens, positions, ds.cache, slots, span, unroll)
+            last_h = jnp.take_along_axis(hidden, (n - 1)[:, None, None], axis=1)[:, 0]
+            logits = model.logits(last_h)
+            fresh = (start == 0)[:, None]
+            seen = jnp.where(fresh, False, ds.seen[slots])
+            seen = seen.at[jnp.arange(P)[:, None], jnp.where(valid, tokens, cfg.vocab_size)].set(True, mode="drop")
+            counts = jnp.where(fresh, 0, ds.counts[slots])
+            out = sample(logits, rows, counts, seen, start + n)
+            counts = counts.at[jnp.arange(P), out.token].add(last.astype(jnp.int32))
+            seen = seen.at[jnp.arange(P), out.token].set(seen[jnp.arange(P), out.token] | last)
+            samp = jax.tree.map(lambda a, r: a.at[slots].set(r), ds.sampling, rows)
+            ds = DecodeState(
+                cache=cache,
+                tokens=ds.tokens.at[slots].set(out.token),
+                lengths=ds.lengths.at[slots].set(start + n),
+                sampling=samp,
+                counts=ds.counts.at[slots].set(counts),
+                seen=ds.seen.at[slots].set(seen),
+            )
+            return ds, out
+
+        def decode(params, ds: DecodeState, active, *, span):
+            model = nnx.merge(graphdef, params)
+            positions = jnp.where(active, ds.lengths, max_len)[:, None]
+            hidden, cache = model(ds.tokens[:, None], positions, ds.cache, None, span, unroll)
+            logits = model.logits(hidden[:, 0])
+            out = sample(logits, ds.sampling, ds.counts, ds.seen, ds.lengths + 1)
+            S = ds.tokens.shape[0]
+            inc = active.astype(jnp.int32)
+            ds = DecodeState(
+                cache=cache,
+                tokens=jnp.where(active, out.token, ds.tokens),
+                lengths=ds.lengths + inc,
+                sampling=ds.sampling,
+                counts=ds.counts.at[jnp.arange(S), out.token].add(inc),
+                seen=ds.seen.at[jnp.arange(S), out.token].set(ds.seen[jnp.arange(S), out.token] | active),
+            )
+            return ds, out
+
+        out_sh = (sh, Sampled(rep, rep, rep, rep))
+        self._prefill_jit = {
+            span: jax.jit(
+                lambda p, ds, *a, span=span: prefill(p, ds, *a, span=span), donate_argnums=1, out_shardings=out_sh
+            )
+            for span in self.spans
+        }
+        self._decode_jit = {
+            span: jax.jit(lambda p, ds, a, span=span: decode(p, ds, a, span=span), donate_argnums=1, out_shardings=out_sh)
+            for span in self.spans
+        }
+
+        def score(params, tokens, targets, n):
+            model = nnx.merge(graphdef, params)
+            P, T = tokens.shape
+            cache = KVCache(*(jnp.zeros(KVCache.shape(cfg, P, T), self.dtype) for _ in range(2)))
+            idx = jnp.arange(T, dtype=jnp.int32)[None, :]
+            positions = jnp.where(idx < n[:, None], idx, T)
+            hidden, _ = model(tokens, positions, cache, None, T, unroll)
+            C = min(ecfg.score_chunk, T)
+            hc = hidden.reshape(P, T // C, C, -1).swapaxes(0, 1)
+            tc = targets.reshape(P, T // C, C).swapaxes(0, 1)
+
+            def chunk(args):
+                h, t = args
+                logits = model.logits(h)  # [P, C, V] for this chunk only
+                lse = jax.nn.logsumexp(logits, axis=-1)
+                tl = jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0]
+                return tl - lse, jnp.argmax(logits, axis=-1) == t
+
+            lp, greedy = jax.lax.map(chunk, (hc, tc))
+            return lp.swapaxes(0, 1).reshape(P, T), greedy.swapaxes(0, 1).reshape(P, T)
+
+        self._score_fn = jax.jit(score)
+
+    def _args_prefill(self, P: int, T: int):
+        return (
+            np.zeros((P, T), np.int32),
+            np.zeros((P,), np.int32),
+            np.zeros((P,), np.int32),
+            np.ones((P,), np.int32),
+            SlotSampling(**{k: np.stack([v] * P) for k, v in SlotSampling.host_row(SamplingParams(), 0).items()}),
+            np.zeros((P,), np.bool_),
+        )
+
+    def prefill_variants(self) -> list[tuple[int, int]]:
+        """(bucket, span) pairs: fresh prompts pad to a bucket; continuation
+        chunks are a full chunk at a larger span."""
+        variants = {(b, _round_up(b, self.spans)) for b in self.config.prefill_buckets}
+        variants |= {(self.prefill_chunk, s) for s in self.spans if s > self.prefill_chunk}
+        return sorted(variants)
+
+    def compile(self, progress: bool = True) -> dict[str, float]:
+        """Compile every prefill variant and every decode span ahead of time."""
+        todo = [("prefill", t, s) for t, s in self.prefill_variants()] + [("decode", 0, s) for s in self.spans]
+        t_all = time.perf_counter()
+        for i, (kind, T, span) in enumerate(todo, 1):
+            t0 = time.perf_counter()
+            if kind == "prefill":
+                args = self._args_prefill(1, T)
+                exe = self._prefill_jit[span].lower(self.params, self.state, *args).compile()
+                self._compiled[("prefill", T, span)] = exe
+                label = f"prefill T={T} span={span}"
+            else:
+                exe = self._decode_jit[span].lower(self.params, self.state, np.zeros(self.num_slots, np.bool_)).compile()
+                self._compiled[("decode", span)] = exe
+                label = f"decode span={span}"
+            self.compile_seconds[label] = time.perf_counter() - t0
+            if progress:
+                log.info("compiled %d/%d %s in %.1fs", i, len(todo), label, self.compile_seconds[label])
+        self.compile_seconds["total"] = time.perf_counter() - t_all
+        return self.compile_seconds
+
+    def _exe(self, key: tuple):
+        exe = self._compiled.get(key)
+        if exe is None:
+            raise RuntimeError(f"engine variant {key} was not compiled; call Engine.compile() before serving")
+        return exe
+
+    # --- the protocol the scheduler uses ----------------------------------
+
+    def prefill(
+        self, slot: int, tokens: Sequence[int], params: SamplingParams, *, start: int = 0, last: bool = True
+    ) -> SlotToken | None:
+        n = len(tokens)
+        if not 0 <= slot < self.num_slots:
+            raise ValueError(f"slot {slot} out of range [0, {self.num_slots})")
+        if n == 0:
+            raise ValueError("empty prompt")
+        if start + n >= self.max_len:
+            raise ValueError(f"prompt of {start + n} tokens does not fit max_len={self.max_len} (needs one more for output)")
+        if start == 0 and n > self.prefill_chunk:
+            out = None
+            for off in range(0, n, self.prefill_chunk):
+                piece = tokens[off : off + self.prefill_chunk]
+                out = self.prefill(slot, piece, params, start=off, last=last and off + len(piece) == n)
+            return out
+        if n > self.prefill_chunk:
+            raise ValueError(f"prefill chunk of {n} tokens exceeds prefill_chunk={self.prefill_chunk}")
+        if start == 0:
+            T = _round_up(n, self.config.prefill_buckets)
+            span = _round_up(T, self.spans)
+        else:
+            T = self.prefill_chunk
+            span = _round_up(start + T, self.spans) if start + T <= self.max_len else self.max_len
+        padded = np.zeros((1, T), np.int32)
+        padded[0, :n] = tokens
+        row = SlotSampling.host_row(params, self.config.seed + slot)
+        rows = SlotSampling(**{k: v[None] for k, v in row.items()})
+        args = (padded, np.array([slot], np.int32), np.array([start], np.int32), np.array([n], np.int32), rows,
+                np.array([last]))
+        self.state, out = self._exe(("prefill", T, span))(self.params, self.state, *args)
+        self._host_len[slot] = start + n
+        self._want_top[slot] = params.logprobs
+        if not last:
+            return None
+        return _Step(out, [0], {0: params.logprobs}).result()[0]
+
+    def decode(self, active: Sequence[int]) -> _Step:
+        active = list(active)
+        mask = np.zeros(self.num_slots, np.bool_)
+        mask[active] = True
+        longest = int(self._host_len[active].max()) if active else 0
+        if longest >= self.max_len:
+            raise ValueError(f"a slot reached max_len={self.max_len}; the driver must stop it first")
+        span = _round_up(longest + 1, self.spans)
+        self.state, out = self._exe(("decode", span))(self.params, self.state, mask)
+        self._host_len[active] += 1
+        return _Step(out, active, dict(self._want_top))
+
+    def release(self, slot: int) -> None:
+        self._host_len[slot] = 0
+        self._want_top.pop(slot, None)
+
+    def slot_length(self, slot: int) -> int:
+        return int(self._host_len[slot])
+
+    # --- scoring ----------------------------------------------------------
+
+    def score_batch(self, pairs: Sequence[tuple[Sequence[int], Sequence[int]]]) -> list[ScoreOutput]:
+        """log p(continuation | context) for each pair; only the needed
+        log-probabilities are gathered, chunk by chunk."""
+        results: list[ScoreOutput] = []
+        for context, continuation in pairs:
+            seq = list(context) + list(continuation)
+            if not context or not continuation:
+                raise ValueError("score needs a non-empty context and a non-empty continuation")
+            if len(seq) > self.max_len:
+                raise ValueError(f"context + continuation = {len(seq)} tokens exceeds max_len={self.max_len}")
+            T = _round_up(len(seq) - 1, self._score_buckets())
+            tokens = np.zeros((1, T), np.int32)
+            targets = np.zeros((1, T), np.int32)
+            tokens[0, : len(seq) - 1] = seq[:-1]
+            targets[0, : len(seq) - 1] = seq[1:]
+            lp, greedy = self._score_fn(self.params, tokens, targets, np.array([len(seq) - 1], np.int32))
+            lp, greedy = np.asarray(lp)[0], np.asarray(greedy)[0]
+            sl = slice(len(context) - 1, len(seq) - 1)
+            token_lps = tuple(float(x) for x in lp[sl])
+            results.append(
+                ScoreOutput(
+                    logprob=float(np.sum(lp[sl], dtype=np.float64)),
+                    token_logprobs=token_lps,
+                    is_greedy=bool(greedy[sl].all()),
+                    context_ids=tuple(context),
+                    continuation_ids=tuple(continuation),
+                )
+            )
+        return results
+
+    def score(self, context: Sequence[int], continuation: Sequence[int]) -> ScoreOutput:
+        return self.score_batch([(context, continuation)])[0]
+
+    def _score_buckets(self) -> tuple[int, ...]:
+        c = self.config.score_chunk
+        b = [x for x in self.config.prefill_buckets if x % c == 0 or x < c]
+        return tuple(sorted(set(b) | {s for s in self.spans if s % min(c, s) == 0}))
+
+    # --- batch generation (CLI, evaluation) --------------------------------
+
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        params: SamplingParams | Sequence[SamplingParams] = SamplingParams(),
+        *,
+        max_tokens: int = 32,
+        stop_token_ids: Sequence[int] | None = None,
+        ignore_eos: bool = False,
+    ) -> list[dict]:
+        """Run prompts to completion through prefill + decode, filling free slots
+        as others finish. Returns dicts with token_ids, logprobs, finish_reason."""
+        if isinstance(params, SamplingParams):
+            params = [params] * len(prompts)
+        stops = set(stop_token_ids or ()) | (set() if ignore_eos else set(self.cfg.eos_token_ids))
+        if self.tokenizer is not None and not ignore_eos:
+            stops |= set(self.tokenizer.eos_ids)
+        results: list[dict] = [{"token_ids": [], "logprobs": [], "finish_reason": None} for _ in prompts]
+        pending = list(range(len(prompts)))[::-1]
+        running: dict[int, int] = {}  # slot -> prompt index
+
+        def accept(i: int, slot: int, tok: SlotToken) -> bool:
+            r = results[i]
+            r["token_ids"].append(tok.token)
+            r["logprobs"].append(tok.logprob)
+            if tok.token in stops:
+                r["finish_reason"] = "stop"
+            elif len(r["token_ids"]) >= max_tokens or self._host_len[slot] + 1 >= self.max_len:
+                r["finish_reason"] = "length"
+            return r["finish_reason"] is not None
+
+        while pending or running:
+            for slot in range(self.num_slots):
+                if slot in running or not pending:
+                    continue
+                i = pending.pop()
+                tok = self.prefill(slot, prompts[i], params[i])
+                if accept(i, slot, tok):
+                    self.release(slot)
+                else:
+                    running[slot] = i
+            if not running:
+                continue
+            step = self.decode(sorted(running)).result()
+            for slot, tok in step.items():
+                if accept(running[slot], slot, tok):
+                    del running[slot]
+                    self.release(slot)
+        return results
+
+    # --- reporting ----------------------------------------------------------
+
+    def stats(self) -> EngineStats:
+        cache_dtype = self.state.cache.k.dtype
+        bpt = KVCache.bytes_per_token(self.cfg, cache_dtype)
+        return EngineStats(
+            num_slots=self.num_slots,
+            max_len=self.max_len,
+            cache_bytes=bpt * self.num_slots * self.max_len,
+            bytes_per_token=bpt,
+            prefill_buckets=self.config.prefill_buckets,
+            compiled=dict(self.compile_seconds),
+        )
+
+    def describe(self) -> str:
+        s = self.stats()
+        return (
+            f"{self.name}: {self.num_slots} slots x {self.max_len} tokens, KV cache {s.cache_bytes / 2**20:.1f} MiB "
+            f"({s.bytes_per_token} B/token, {self.state.cache.k.dtype}), weights {self.dtype}, "
+            f"mesh {shd.describe(self.mesh)}"
+        )
+
+
+def param_bytes(engine: Engine) -> int:
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(engine.params))
+
+
+__all__ = ["Engine", "EngineConfig", "DecodeState", "param_bytes"]
