@@ -103,7 +103,7 @@ def sample(logits, s: SlotSampling, counts, seen, positions) -> Sampled:
     seen: rows for these B sequences; positions [B]: position the sampled token
     will occupy (mixed into the slot's random key)."""
     logprobs = jax.nn.log_softmax(logits, axis=-1)
-    top_lp, top_ids = jax.lax.top_k(logprobs, MAX_TOP_LOGPROBS)
+    top_lp, top_ids = jax.lax.top_k(logprobs, min(MAX_TOP_LOGPROBS, logits.shape[-1]))
     x = apply_penalties(logits, s, counts, seen)
     greedy_tok = jnp.argmax(x, axis=-1).astype(jnp.int32)
 

@@ -1,0 +1,189 @@
+"""Engine: prefill + decode against one full-sequence forward, donation, buckets,
+no recompilation, batched sampling statistics."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxinfer.config import GEMMA3_270M, SMOLLM2_135M, gemma3_layer_types
+from jaxinfer.engine.engine import Engine, EngineConfig
+from jaxinfer.engine.sampling import SlotSampling, sample
+from jaxinfer.engine.types import SamplingParams
+from jaxinfer.model.transformer import KVCache, Transformer
+from jaxinfer.model.weights import nest, random_weights
+
+# SmolLM2's head layout (9 heads, 3 kv heads) and Gemma 3's (4 heads, 1 kv head), shrunk.
+LLAMA_TINY = dataclasses.replace(
+    SMOLLM2_135M, name="llama-tiny", num_layers=2, hidden_size=72, intermediate_size=96,
+    vocab_size=512, head_dim=8, max_position_embeddings=512,
+)
+GEMMA_TINY = dataclasses.replace(
+    GEMMA3_270M, name="gemma-tiny", num_layers=6, hidden_size=64, intermediate_size=96,
+    vocab_size=512, head_dim=16, query_pre_attn_scalar=16.0, sliding_window=16,
+    layer_types=gemma3_layer_types(6), max_position_embeddings=512,
+)
+ENGINE_CFG = EngineConfig(slots=4, max_len=128, prefill_buckets=(16, 32), min_span=32)
+
+
+def make_model(cfg, seed=0) -> Transformer:
+    w = random_weights(cfg, seed=seed, scale=0.15)
+    return Transformer(cfg, params=nest({k: jnp.asarray(v) for k, v in w.items()}))
+
+
+@pytest.fixture(scope="module", params=[LLAMA_TINY, GEMMA_TINY], ids=["llama", "gemma3"])
+def engine(request) -> Engine:
+    eng = Engine(make_model(request.param), ENGINE_CFG)
+    eng.compile(progress=False)
+    return eng
+
+
+def full_forward_logprobs(model: Transformer, seq: list[int]) -> np.ndarray:
+    """log-softmax at every position of one plain forward over the whole sequence."""
+    T = len(seq)
+    cache = KVCache.zeros(model.cfg, 1, T, jnp.float32)
+    pos = jnp.arange(T, dtype=jnp.int32)[None]
+    h, _ = model(jnp.asarray([seq], jnp.int32), pos, cache, None, T)
+    return np.asarray(jax.nn.log_softmax(model.logits(h[0]), axis=-1))
+
+
+def prompt_of(n: int, seed: int = 0, vocab: int = 512) -> list[int]:
+    return [int(t) for t in np.random.default_rng(seed).integers(3, vocab, n)]
+
+
+@pytest.mark.parametrize("n_prompt", [5, 40])  # 40 crosses Gemma's 16-token window and the 32 bucket (chunked)
+def test_prefill_then_decode_matches_full_forward(engine: Engine, n_prompt: int):
+    model = nnx.merge(engine.graphdef, engine.params)  # the engine's own weights
+    prompt = prompt_of(n_prompt, seed=n_prompt)
+    params = SamplingParams(logprobs=20)
+    first = engine.prefill(0, prompt, params)
+    toks = [first]
+    for _ in range(12):
+        toks.append(engine.decode([0]).result()[0])
+    engine.release(0)
+    seq = prompt + [t.token for t in toks]
+    ref = full_forward_logprobs(model, seq)
+    for i, t in enumerate(toks):
+        row = ref[n_prompt - 1 + i]
+        assert t.token == int(np.argmax(row))
+        np.testing.assert_allclose(t.logprob, row[t.token], atol=1e-4)
+        np.testing.assert_allclose(t.top_logprobs, row[list(t.top_ids)], atol=1e-4)
+        np.testing.assert_allclose(t.top_logprobs, np.sort(row)[::-1][:20], atol=1e-4)
+
+
+def test_batch_equals_alone(engine: Engine):
+    """Greedy and seeded requests give the same tokens alone and beside others."""
+    reqs = [
+        (prompt_of(7, 1), SamplingParams()),
+        (prompt_of(20, 2), SamplingParams(temperature=0.8, top_k=50, seed=7)),
+        (prompt_of(3, 3), SamplingParams(temperature=1.0, top_p=0.9, seed=11, repetition_penalty=1.3)),
+        (prompt_of(33, 4), SamplingParams(temperature=0.7, min_p=0.05, seed=5, presence_penalty=0.5,
+                                          frequency_penalty=0.3)),
+        (prompt_of(12, 5), SamplingParams(temperature=1.2, seed=3)),
+    ]
+    together = engine.generate([p for p, _ in reqs], [s for _, s in reqs], max_tokens=10, ignore_eos=True)
+    for (p, s), res in zip(reqs, together):
+        alone = engine.generate([p], s, max_tokens=10, ignore_eos=True)[0]
+        assert alone["token_ids"] == res["token_ids"]
+        assert len(res["token_ids"]) == 10 and res["finish_reason"] == "length"
+
+
+def test_cache_is_donated(engine: Engine):
+    old_k = engine.state.cache.k
+    engine.prefill(1, prompt_of(4), SamplingParams())
+    assert old_k.is_deleted(), "prefill must consume the donated cache"
+    mid = engine.state.cache.k
+    engine.decode([1]).result()
+    assert mid.is_deleted(), "decode must consume the donated cache"
+    engine.release(1)
+
+
+def test_no_recompilation_while_serving(engine: Engine):
+    events: list[str] = []
+
+    def listener(name, *args, **kwargs):
+        if "compile" in name:
+            events.append(name)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        rng = np.random.default_rng(0)
+        prompts = [prompt_of(int(n), seed=i) for i, n in enumerate(rng.integers(1, 100, 50))]
+        params = [
+            SamplingParams(temperature=float(rng.choice([0.0, 0.7])), top_k=int(rng.choice([0, 5])),
+                           top_p=float(rng.choice([1.0, 0.9])), seed=i, logprobs=int(rng.integers(0, 4)))
+            for i in range(50)
+        ]
+        out = engine.generate(prompts, params, max_tokens=int(8), ignore_eos=True)
+        assert all(len(r["token_ids"]) == 8 for r in out)
+    finally:
+        jax.monitoring.clear_event_listeners()
+    backend = [e for e in events if "backend_compile" in e]
+    assert backend == [], f"compiled while serving: {events}"
+
+
+def test_decode_span_follows_length(engine: Engine):
+    """A short decode attends a short span; max_len only when needed."""
+    assert engine.spans[0] < engine.max_len
+    engine.prefill(2, prompt_of(3), SamplingParams())
+    step = engine.decode([2])
+    assert ("decode", engine.spans[0]) in engine._compiled
+    step.result()
+    engine.release(2)
+
+
+def test_prompt_too_long_is_rejected(engine: Engine):
+    with pytest.raises(ValueError, match="max_len=128"):
+        engine.prefill(0, prompt_of(128), SamplingParams())
+
+
+# --- sampling statistics on hand-made logits --------------------------------
+
+def _rows(n: int, **kw) -> SlotSampling:
+    vals = SlotSampling.host_row(SamplingParams(**kw), 0)
+    rows = {k: np.stack([v] * n) for k, v in vals.items()}
+    rows["seed"] = np.stack([np.array([0, i], np.uint32) for i in range(n)])
+    return SlotSampling(**{k: jnp.asarray(v) for k, v in rows.items()})
+
+
+LOGITS = jnp.asarray(np.log(np.array([0.4, 0.25, 0.15, 0.1, 0.05, 0.03, 0.02], np.float32)))
+
+
+def _draw(n=4000, **kw) -> np.ndarray:
+    logits = jnp.broadcast_to(LOGITS, (n, LOGITS.shape[0]))
+    V = LOGITS.shape[0]
+    zeros = jnp.zeros((n, V), jnp.int32)
+    out = jax.jit(sample)(logits, _rows(n, **kw), zeros, zeros.astype(bool), jnp.zeros((n,), jnp.int32))
+    return np.asarray(out.token)
+
+
+def test_top_k_never_leaves_the_k_best():
+    toks = _draw(temperature=1.5, top_k=3)
+    assert set(np.unique(toks)) <= {0, 1, 2}
+    assert len(set(np.unique(toks))) == 3
+
+
+def test_top_p_mass():
+    toks = _draw(temperature=1.0, top_p=0.7)  # nucleus {0.4, 0.25, 0.15}: first two sum to 0.65 < 0.7
+    assert set(np.unique(toks)) == {0, 1, 2}
+    freq = np.bincount(toks, minlength=7) / len(toks)
+    np.testing.assert_allclose(freq[:3], np.array([0.4, 0.25, 0.15]) / 0.8, atol=0.03)
+
+
+def test_min_p_and_plain_temperature():
+    toks = _draw(temperature=1.0, min_p=0.3)  # keeps p >= 0.12
+    assert set(np.unique(toks)) == {0, 1, 2}
+    toks = _draw(temperature=1.0)
+    freq = np.bincount(toks, minlength=7) / len(toks)
+    np.testing.assert_allclose(freq, np.exp(np.asarray(LOGITS)), atol=0.03)
+
+
+def test_greedy_and_seed_reproducible():
+    assert set(_draw(n=50, temperature=0.0)) == {0}
+    a, b = _draw(temperature=1.0), _draw(temperature=1.0)
+    np.testing.assert_array_equal(a, b)
