@@ -1,0 +1,130 @@
+"""Prometheus metrics of one server, on its own registry (never the global one).
+
+The scheduler reports request life cycles (started, first token, finished by
+reason), queue depth, slot and KV-cache use; the gRPC servicer reports every
+call's status code. :meth:`Metrics.serve_http` exposes them on ``/metrics``.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, start_http_server
+
+FINISH_REASONS = ("stop", "length", "cancelled", "deadline", "error")
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+_TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28)
+
+
+class Metrics:
+    """All metrics of one server. Every method is thread-safe."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.ttft = Histogram(
+            "jaxinfer_time_to_first_token_seconds", "Submit to first generated token.", buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.tpot = Histogram(
+            "jaxinfer_time_per_output_token_seconds", "Mean time between output tokens of a request.",
+            buckets=_TPOT_BUCKETS, registry=r,
+        )
+        self.e2e = Histogram(
+            "jaxinfer_e2e_request_latency_seconds", "Submit to finish.", buckets=_LATENCY_BUCKETS, registry=r
+        )
+        self.queue_time = Histogram(
+            "jaxinfer_queue_time_seconds", "Submit to slot admission.", buckets=_LATENCY_BUCKETS, registry=r
+        )
+        self.queue_requests = Gauge("jaxinfer_queue_requests", "Requests waiting for a slot.", registry=r)
+        self.queue_tokens = Gauge("jaxinfer_queue_tokens", "Prompt tokens of the requests waiting.", registry=r)
+        self.active_slots = Gauge("jaxinfer_active_slots", "Cache slots holding a request.", registry=r)
+        self.num_slots = Gauge("jaxinfer_slots", "Cache slots in total.", registry=r)
+        self.kv_cache_usage = Gauge(
+            "jaxinfer_kv_cache_usage_ratio", "Cache positions in use / (slots * max_len).", registry=r
+        )
+        self.prompt_tokens = Counter("jaxinfer_prompt_tokens", "Prompt tokens prefilled.", registry=r)
+        self.generation_tokens = Counter("jaxinfer_generation_tokens", "Tokens generated.", registry=r)
+        self.requests_started = Counter(
+            "jaxinfer_requests_started", "Generate requests accepted into the queue.", registry=r
+        )
+        self.requests_finished = Counter(
+            "jaxinfer_requests_finished", "Generate requests finished, by reason.", ["reason"], registry=r
+        )
+        self.requests_rejected = Counter(
+            "jaxinfer_requests_rejected", "Requests refused before queueing, by cause.", ["cause"], registry=r
+        )
+        self.grpc_requests = Counter(
+            "jaxinfer_grpc_requests", "gRPC calls handled, by method and status code.", ["method", "code"],
+            registry=r,
+        )
+        for reason in FINISH_REASONS:
+            self.requests_finished.labels(reason)
+        self._http: tuple | None = None
+        self._lock = threading.Lock()
+
+    # -- reporting ---------------------------------------------------------------------------------
+
+    def request_started(self) -> None:
+        self.requests_started.inc()
+
+    def request_rejected(self, cause: str) -> None:
+        self.requests_rejected.labels(cause).inc()
+
+    def request_admitted(self, queue_seconds: float, prompt_tokens: int) -> None:
+        self.queue_time.observe(queue_seconds)
+        self.prompt_tokens.inc(prompt_tokens)
+
+    def first_token(self, ttft_seconds: float) -> None:
+        self.ttft.observe(ttft_seconds)
+
+    def tokens_generated(self, n: int) -> None:
+        self.generation_tokens.inc(n)
+
+    def request_finished(self, reason: str, e2e_seconds: float, tpot_seconds: float | None) -> None:
+        self.requests_finished.labels(reason).inc()
+        self.e2e.observe(e2e_seconds)
+        if tpot_seconds is not None:
+            self.tpot.observe(tpot_seconds)
+
+    def set_load(
+        self, *, queue_requests: int, queue_tokens: int, active_slots: int, num_slots: int, kv_usage: float
+    ) -> None:
+        self.queue_requests.set(queue_requests)
+        self.queue_tokens.set(queue_tokens)
+        self.active_slots.set(active_slots)
+        self.num_slots.set(num_slots)
+        self.kv_cache_usage.set(kv_usage)
+
+    def grpc_call(self, method: str, code: str) -> None:
+        self.grpc_requests.labels(method, code).inc()
+
+    # -- reading -----------------------------------------------------------------------------------
+
+    def value(self, name: str, labels: dict[str, str] | None = None) -> float:
+        """Current value of one sample (e.g. ``jaxinfer_requests_finished_total``); 0 when absent."""
+        v = self.registry.get_sample_value(name, labels or {})
+        return 0.0 if v is None else v
+
+    def finished_by_reason(self) -> dict[str, float]:
+        return {r: self.value("jaxinfer_requests_finished_total", {"reason": r}) for r in FINISH_REASONS}
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+    def serve_http(self, port: int, addr: str = "0.0.0.0") -> int:
+        """Start the ``/metrics`` HTTP exporter; returns the bound port."""
+        with self._lock:
+            if self._http is None:
+                self._http = start_http_server(port, addr, registry=self.registry)
+            return self._http[0].server_port
+
+    def close(self) -> None:
+        with self._lock:
+            if self._http is not None:
+                server, thread = self._http
+                server.shutdown()
+                server.server_close()
+                thread.join(timeout=5)
+                self._http = None

@@ -1,0 +1,636 @@
+"""Scheduler against a hand-computable fake engine.
+
+The fake engine's next token is ``(last token + 1) % V`` with a fixed logprob, so every
+stream's expected output is known in advance; it checks the engine contract (chunks in
+order, no decode of a released or unprefilled slot, nothing written past max_len, every
+call from one thread). The fake tokenizer maps ids 0..94 to the printable ASCII characters.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from typing import Sequence
+
+import pytest
+
+from jaxinfer.engine.types import SamplingParams, ScoreOutput, SlotToken
+from jaxinfer.metrics import Metrics
+from jaxinfer.scheduler import (
+    Event,
+    InvalidRequestError,
+    NotAcceptingError,
+    QueueFullError,
+    Request,
+    Scheduler,
+    SchedulerLimits,
+    StopStringMatcher,
+)
+
+V = 97
+BOS, EOS = 95, 96
+LOGPROB = -0.25
+
+
+# -- fakes -------------------------------------------------------------------------------------------
+
+
+class FakeTokenizer:
+    """ids 0..94 <-> chr(32 + id); 95 = BOS, 96 = EOS (both decode to "")."""
+
+    vocab_size = V
+    eos_ids = (EOS,)
+    bos_id = BOS
+
+    def __init__(self, add_bos: bool = True, poison: Sequence[int] = ()) -> None:
+        self.add_bos = add_bos
+        self.poison = frozenset(poison)  # ids whose decoding raises
+
+    def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
+        ids = []
+        for c in text:
+            if not 32 <= ord(c) < 127:
+                raise ValueError(f"character {c!r} is not in the fake vocabulary")
+            ids.append(ord(c) - 32)
+        return ([BOS] if (self.add_bos if add_bos is None else add_bos) else []) + ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        bad = [i for i in ids if i in self.poison]
+        if bad:
+            raise ValueError(f"cannot decode token {bad[0]}")
+        return "".join(chr(32 + i) for i in ids if 0 <= i < 95)
+
+    def apply_chat_template(self, messages, add_generation_prompt: bool = True) -> str:
+        out = []
+        for m in messages:
+            role, content = (m["role"], m["content"]) if isinstance(m, dict) else m
+            if role not in ("system", "user", "assistant"):
+                raise ValueError(f"unknown chat role {role!r} (known: system, user, assistant)")
+            out.append(f"[{role}]{content}")
+        return "".join(out) + ("[assistant]" if add_generation_prompt else "")
+
+
+class FakeDetokenizer:
+    def __init__(self, tok: FakeTokenizer) -> None:
+        self.tok = tok
+
+    def add(self, ids: Sequence[int]) -> str:
+        return self.tok.decode(ids)
+
+    def flush(self) -> str:
+        return ""
+
+
+def next_token(t: int) -> int:
+    return (t + 1) % V
+
+
+def slot_token(t: int, n_top: int) -> SlotToken:
+    return SlotToken(
+        t, LOGPROB, tuple((t + i) % V for i in range(n_top)), tuple(LOGPROB - i for i in range(n_top))
+    )
+
+
+class FakeHandle:
+    def __init__(self, results: dict[int, SlotToken], ready_at: float, gate: threading.Event | None, fail: bool):
+        self._results, self._ready_at, self._gate, self._fail = results, ready_at, gate, fail
+
+    def result(self) -> dict[int, SlotToken]:
+        if self._gate is not None:
+            self._gate.wait(30)
+        delay = self._ready_at - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        if self._fail:
+            raise RuntimeError("injected decode failure")
+        return dict(self._results)
+
+
+class FakeEngine:
+    """EngineProtocol with hand-computable output. Decode work happens at dispatch (device order);
+    ``step_delay`` is how long a step's result takes to become ready."""
+
+    def __init__(
+        self,
+        num_slots: int = 4,
+        max_len: int = 64,
+        prefill_chunk: int = 8,
+        step_delay: float = 0.0,
+        fail_prefill_token: int | None = None,
+    ) -> None:
+        self.num_slots, self.max_len, self.prefill_chunk = num_slots, max_len, prefill_chunk
+        self.step_delay = step_delay
+        self.fail_prefill_token = fail_prefill_token
+        self.fail_next_decode = False
+        self.gate: threading.Event | None = None
+        self.state: list[dict | None] = [None] * num_slots
+        self.calls: list[tuple] = []
+        self.violations: list[str] = []
+        self._thread: int | None = None
+
+    def _check(self, ok: bool, what: str) -> None:
+        if not ok:
+            self.violations.append(what)
+            raise AssertionError(what)
+
+    def _on_thread(self) -> None:
+        me = threading.get_ident()
+        self._thread = self._thread or me
+        self._check(self._thread == me, "engine called from two threads")
+
+    def prefill(self, slot, tokens, params: SamplingParams, *, start=0, last=True):
+        self._on_thread()
+        tokens = list(tokens)
+        self.calls.append(("prefill", slot, start, len(tokens), last, time.monotonic()))
+        self._check(0 <= slot < self.num_slots, f"prefill: slot {slot} out of range")
+        self._check(1 <= len(tokens) <= self.prefill_chunk, f"prefill: chunk of {len(tokens)} tokens")
+        st = self.state[slot]
+        if start == 0:
+            self._check(st is None, f"prefill: slot {slot} not released")
+            st = self.state[slot] = {"length": 0, "last": None, "ready": False, "params": params}
+        else:
+            self._check(st is not None and st["length"] == start and not st["ready"], f"prefill: chunk out of order")
+        self._check(start + len(tokens) <= self.max_len, "prefill: past max_len")
+        if self.fail_prefill_token is not None and self.fail_prefill_token in tokens:
+            raise RuntimeError("injected prefill failure")
+        st["length"] += len(tokens)
+        if not last:
+            return None
+        st["ready"], st["last"] = True, next_token(tokens[-1])
+        return slot_token(st["last"], params.logprobs)
+
+    def decode(self, active):
+        self._on_thread()
+        active = list(active)
+        self.calls.append(("decode", tuple(active), time.monotonic()))
+        results = {}
+        for slot in active:
+            st = self.state[slot]
+            self._check(st is not None and st["ready"], f"decode: slot {slot} not prefilled")
+            self._check(st["length"] < self.max_len, f"decode: slot {slot} past max_len")
+            st["length"] += 1  # writes the previous token's K/V
+            st["last"] = next_token(st["last"])
+            results[slot] = slot_token(st["last"], st["params"].logprobs)
+        fail, self.fail_next_decode = self.fail_next_decode, False
+        return FakeHandle(results, time.monotonic() + self.step_delay, self.gate, fail)
+
+    def release(self, slot):
+        self._on_thread()
+        self.calls.append(("release", slot, time.monotonic()))
+        self.state[slot] = None
+
+    def score(self, context, continuation) -> ScoreOutput:
+        self._on_thread()
+        self.calls.append(("score", len(context), len(continuation), time.monotonic()))
+        prev = list(context)[-1]
+        lps = []
+        for t in continuation:
+            lps.append(-1.0 if t == next_token(prev) else -5.0)
+            prev = t
+        return ScoreOutput(sum(lps), tuple(lps), all(x == -1.0 for x in lps), tuple(context), tuple(continuation))
+
+    def active_slots(self) -> int:
+        return sum(s is not None for s in self.state)
+
+
+def expected(prompt_ids: Sequence[int], max_tokens: int, eos: bool = True) -> list[int]:
+    out, t = [], prompt_ids[-1]
+    for _ in range(max_tokens):
+        t = next_token(t)
+        out.append(t)
+        if eos and t == EOS:
+            break
+    return out
+
+
+def make(engine: FakeEngine | None = None, tok: FakeTokenizer | None = None, **limits) -> Scheduler:
+    tok = tok or FakeTokenizer()
+    return Scheduler(
+        engine or FakeEngine(), tok, SchedulerLimits(**limits), metrics=Metrics(), detokenizer=FakeDetokenizer
+    ).start()
+
+
+def collect(stream) -> tuple[list[Event], list[int], str, Event]:
+    events = list(stream)
+    ids = [t for e in events for t in e.token_ids]
+    return events, ids, "".join(e.text for e in events), events[-1]
+
+
+def ids(text: str) -> tuple[int, ...]:
+    return tuple(FakeTokenizer().encode(text))
+
+
+@pytest.fixture
+def sched():
+    s = make()
+    yield s
+    s.close()
+    assert s.engine.violations == []
+
+
+def wait_for(cond, timeout=10.0):
+    end = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > end:
+            raise AssertionError("condition not reached")
+        time.sleep(0.002)
+
+
+def assert_idle(s: Scheduler) -> None:
+    wait_for(lambda: s.load().live_requests == 0)
+    load = s.load()
+    assert (load.active_slots, load.queue_requests, load.queue_tokens) == (0, 0, 0)
+    assert s.engine.active_slots() == 0
+    started = s.metrics.value("jaxinfer_requests_started_total")
+    assert started == sum(s.metrics.finished_by_reason().values())
+
+
+# -- stop strings ------------------------------------------------------------------------------------
+
+
+def test_stop_matcher_holds_back_possible_prefixes():
+    m = StopStringMatcher(["fg", "xyz"])
+    assert m.feed("de") == ("de", False)
+    assert m.feed("f") == ("", False)  # could be "fg"
+    assert m.feed("x") == ("f", False)  # "fx" is no prefix; "x" could be "xyz"
+    assert m.feed("yq") == ("xyq", False)
+    assert m.feed("abf") == ("ab", False)
+    assert m.feed("gh") == ("", True)  # "fg" completed: nothing after it
+    m = StopStringMatcher(["ab"])
+    assert m.feed("xxa") == ("xx", False)
+    assert m.flush() == "a"
+    assert StopStringMatcher(["c", "abc"]).feed("zabc") == ("z", True)  # earliest match wins
+    assert StopStringMatcher(["ab"]).feed("ab", check=False) == ("ab", False)
+
+
+# -- generation --------------------------------------------------------------------------------------
+
+
+def test_plain_generation_is_hand_computable(sched):
+    events, out, text, last = collect(sched.submit(Request(ids("abc"), max_tokens=5, request_id="r1")))
+    assert out == [ord(c) - 32 for c in "defgh"] == expected(ids("abc"), 5)
+    assert text == "defgh"
+    assert [e.token_ids for e in events] == [(t,) for t in out]  # one event per token
+    assert last.finish_reason == "length" and last.request_id == "r1"
+    assert (last.usage.prompt_tokens, last.usage.completion_tokens) == (4, 5)
+    assert last.timings.ttft_s is not None and 0 <= last.timings.queue_s <= last.timings.ttft_s <= last.timings.total_s
+    assert all(e.logprobs == () for e in events)
+    assert_idle(sched)
+
+
+def test_logprobs_with_top_alternatives(sched):
+    req = Request(ids("a"), max_tokens=3, sampling=SamplingParams(logprobs=2), return_logprobs=True)
+    events, out, _, _ = collect(sched.submit(req))
+    lps = [lp for e in events for lp in e.logprobs]
+    assert [lp.token for lp in lps] == out
+    assert all(lp.logprob == LOGPROB for lp in lps)
+    assert lps[0].top_ids == (out[0], out[0] + 1) and lps[0].top_logprobs == (LOGPROB, LOGPROB - 1)
+
+
+def test_eos_stops_and_ignore_eos_continues(sched):
+    _, out, text, last = collect(sched.submit(Request((94,), max_tokens=10)))  # "~" -> BOS, EOS
+    assert out == [BOS, EOS] and text == "" and last.finish_reason == "stop"
+    _, out, text, last = collect(sched.submit(Request((94,), max_tokens=4, ignore_eos=True)))
+    assert out == [BOS, EOS, 0, 1] and text == " !" and last.finish_reason == "length"
+
+
+def test_stop_token_ids(sched):
+    _, out, text, last = collect(sched.submit(Request(ids("a"), max_tokens=10, stop_token_ids=(ord("d") - 32,))))
+    assert text == "bc" and out[-1] == ord("d") - 32 and last.finish_reason == "stop"
+    assert last.usage.completion_tokens == 3
+
+
+def test_stop_string_held_back_then_cut(sched):
+    events, out, text, last = collect(sched.submit(Request(ids("c"), max_tokens=10, stop=("fg",))))
+    assert [e.text for e in events] == ["d", "e", "", ""]  # "f" held back, "fg" completes the stop
+    assert text == "de" and len(out) == 4 and last.finish_reason == "stop"
+    events, _, text, last = collect(sched.submit(Request(ids("c"), max_tokens=10, stop=("fx",))))
+    assert [e.text for e in events[:4]] == ["d", "e", "", "fg"]  # "f" released once it can't be "fx"
+    assert text == "defghijklm" and last.finish_reason == "length"
+    _, _, text, last = collect(sched.submit(Request(ids("c"), max_tokens=3, stop=("fx",))))
+    assert text == "def" and last.finish_reason == "length"  # held text released at the end
+
+
+def test_min_tokens_holds_off_stop_conditions(sched):
+    _, out, text, last = collect(sched.submit(Request((94,), max_tokens=6, min_tokens=4)))
+    assert out == [BOS, EOS, 0, 1, 2, 3] and text == ' !"#' and last.finish_reason == "length"
+    _, out, text, last = collect(sched.submit(Request(ids("a"), max_tokens=8, min_tokens=3, stop=("b", "e"))))
+    assert text == "bc" + "d" and last.finish_reason == "stop"  # "b" in the first 3 tokens doesn't count
+
+
+@pytest.mark.parametrize(
+    "req, field, needle",
+    [
+        (Request((), max_tokens=4), "prompt", "empty"),
+        (Request((1, V), max_tokens=4), "prompt_token_ids", f"prompt_token_ids[1]={V} is out of range"),
+        (Request((1, -1), max_tokens=4), "prompt_token_ids", "out of range"),
+        (Request((1,), max_tokens=0), "max_tokens", "max_tokens=0 must be >= 1"),
+        (Request((1,) * 60, max_tokens=5), "max_tokens", "exceeds the context limit max_len=64"),
+        (Request((1,), max_tokens=4, min_tokens=5), "min_tokens", "min_tokens=5 must be in [0, max_tokens=4]"),
+        (Request((1,), 4, SamplingParams(temperature=-1.0)), "temperature", "temperature=-1.0 must be in [0, 100]"),
+        (Request((1,), 4, SamplingParams(top_p=0.0)), "top_p", "top_p=0.0"),
+        (Request((1,), 4, SamplingParams(top_k=V + 1)), "top_k", f"must be in [0, {V}]"),
+        (Request((1,), 4, SamplingParams(logprobs=21), return_logprobs=True), "logprobs", "[0, 20]"),
+        (Request((1,), 4, SamplingParams(logprobs=2)), "logprobs", "return_logprobs is off"),
+        (Request((1,), 4, stop=("x",) * 17), "stop", "17 stop strings (limit 16)"),
+        (Request((1,), 4, stop=("",)), "stop", "stop[0] has 0 characters"),
+        (Request((1,), 4, stop=("x" * 257,)), "stop", "must be 1..256"),
+        (Request((1,), 4, stop_token_ids=(V,)), "stop_token_ids", "out of range"),
+        (Request((1,), 4, request_id="x" * 300), "request_id", "limit 256"),
+    ],
+)
+def test_invalid_requests_name_field_and_limit(sched, req, field, needle):
+    with pytest.raises(InvalidRequestError) as e:
+        sched.submit(req)
+    assert e.value.field == field and needle in str(e.value)
+    assert sched.load().live_requests == 0
+
+
+def test_model_limit_tighter_than_engine():
+    s = make(model_max_len=16)
+    try:
+        with pytest.raises(InvalidRequestError, match="max_len=16 .*model limit=16"):
+            s.submit(Request((1,) * 10, max_tokens=7))
+        assert collect(s.submit(Request((1,) * 10, max_tokens=6)))[3].finish_reason == "length"
+    finally:
+        s.close()
+
+
+# -- batching ----------------------------------------------------------------------------------------
+
+
+def test_32_concurrent_streams_equal_solo_runs():
+    rng = random.Random(0)
+    reqs = []
+    for i in range(32):
+        prompt = tuple(rng.randrange(0, 95) for _ in range(rng.randrange(1, 20)))
+        reqs.append(Request(prompt, max_tokens=rng.randrange(1, 30), request_id=f"r{i}", stop=("~",) if i % 5 == 0 else ()))
+    solo = {}
+    s = make(FakeEngine(num_slots=1))
+    for r in reqs:
+        solo[r.request_id] = collect(s.submit(r))
+    s.close()
+    s = make(FakeEngine(num_slots=4, prefill_chunk=4), max_queue_requests=64)
+    streams = [s.submit(r) for r in reqs]
+    results = {}
+    threads = [threading.Thread(target=lambda st=st: results.__setitem__(st.request_id, collect(st))) for st in streams]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    for r in reqs:
+        a, b = solo[r.request_id], results[r.request_id]
+        assert (a[1], a[2], a[3].finish_reason) == (b[1], b[2], b[3].finish_reason), r.request_id
+        eos = expected(r.prompt_ids, r.max_tokens)
+        assert b[1] == eos[: len(b[1])]
+    assert_idle(s)
+    assert s.engine.violations == []
+    s.close()
+
+
+def test_long_prompt_chunks_interleave_with_running_decode():
+    eng = FakeEngine(num_slots=2, max_len=128, prefill_chunk=4, step_delay=0.002)
+    s = make(eng)
+    a = s.submit(Request(ids("a"), max_tokens=80, ignore_eos=True))
+    it = iter(a)
+    for _ in range(3):
+        next(it)  # A is streaming
+    b = s.submit(Request((5,) * 21, max_tokens=2))  # 6 chunks of <= 4
+    _, out_b, _, last_b = collect(b)
+    assert last_b.finish_reason == "length" and out_b == [6, 7]
+    chunks = [i for i, c in enumerate(eng.calls) if c[0] == "prefill" and c[1] == 1]
+    assert len(chunks) == 6
+    between = [c for c in eng.calls[chunks[0] : chunks[-1]] if c[0] == "decode"]
+    assert len(between) >= 5 and all(0 in c[1] for c in between)  # A decoded between every chunk
+    rest = list(it)
+    assert rest[-1].finish_reason == "length" and rest[-1].usage.completion_tokens == 80
+    assert_idle(s)
+    s.close()
+
+
+def test_slot_reuse_with_pipelined_decode_drops_stale_tokens():
+    # 2 slots, many short requests: slots are freed and re-prefilled while a step is in flight.
+    eng = FakeEngine(num_slots=2, prefill_chunk=3)
+    s = make(eng, max_queue_requests=200)
+    rng = random.Random(1)
+    reqs = [Request(tuple(rng.randrange(0, 95) for _ in range(rng.randrange(1, 8))), max_tokens=rng.randrange(1, 6))
+            for _ in range(100)]
+    streams = [s.submit(r) for r in reqs]
+    for r, st in zip(reqs, streams):
+        _, out, _, last = collect(st)
+        assert out == expected(r.prompt_ids, r.max_tokens)
+    assert_idle(s)
+    assert eng.violations == []
+    s.close()
+
+
+# -- faults ------------------------------------------------------------------------------------------
+
+
+def decodes_with(eng: FakeEngine, slot: int, after: float) -> int:
+    return sum(1 for c in eng.calls if c[0] == "decode" and slot in c[1] and c[2] > after)
+
+
+def test_cancel_frees_slot_within_one_step():
+    eng = FakeEngine(num_slots=2, max_len=512, step_delay=0.005)
+    s = make(eng)
+    keep = s.submit(Request(ids("a"), max_tokens=200, ignore_eos=True))
+    st = s.submit(Request(ids("b"), max_tokens=200, ignore_eos=True))
+    it = iter(st)
+    for _ in range(5):
+        next(it)
+    t_cancel = time.monotonic()
+    st.cancel()
+    rest = list(it)
+    assert rest[-1].finish_reason == "cancelled" and rest[-1].usage.completion_tokens < 200
+    slot = 1
+    assert decodes_with(eng, slot, t_cancel) <= 1  # at most the step dispatched while cancelling
+    assert any(c[0] == "release" and c[1] == slot and c[2] >= t_cancel for c in eng.calls)
+    wait_for(lambda: s.load().active_slots == 1)
+    keep.cancel()
+    assert collect(keep)[3].finish_reason == "cancelled"
+    assert_idle(s)
+    s.close()
+
+
+def test_deadline_frees_slot_and_queued_requests_expire():
+    eng = FakeEngine(num_slots=1, max_len=512, step_delay=0.004)
+    s = make(eng)
+    st = s.submit(Request(ids("a"), max_tokens=300, ignore_eos=True, deadline=time.monotonic() + 0.1))
+    queued = s.submit(Request(ids("b"), max_tokens=3, deadline=time.monotonic() + 0.02))  # never gets the slot
+    _, _, _, last_q = collect(queued)
+    assert last_q.finish_reason == "deadline" and last_q.usage.completion_tokens == 0 and last_q.timings.ttft_s is None
+    _, out, _, last = collect(st)
+    assert last.finish_reason == "deadline" and 0 < len(out) < 300
+    assert decodes_with(eng, 0, time.monotonic()) == 0
+    assert_idle(s)
+    s.close()
+
+
+def test_queue_bounded_by_requests_and_tokens():
+    eng = FakeEngine(num_slots=1)
+    eng.gate = threading.Event()  # decode results wait: the slot stays busy
+    s = make(eng, max_queue_requests=2, max_queue_tokens=10)
+    busy = s.submit(Request(ids("a"), max_tokens=5))
+    wait_for(lambda: s.load().active_slots == 1)
+    q1 = s.submit(Request((1, 2, 3), max_tokens=2))
+    with pytest.raises(QueueFullError, match=r"prompt tokens waiting \+ 8 > limit max_queue_tokens=10"):
+        s.submit(Request((1,) * 8, max_tokens=2))
+    q2 = s.submit(Request((1, 2), max_tokens=2))
+    with pytest.raises(QueueFullError, match="2 requests waiting .limit max_queue_requests=2"):
+        s.submit(Request((1,), max_tokens=2))
+    assert s.load().queue_requests == 2 and s.load().queue_tokens == 5
+    assert s.metrics.value("jaxinfer_requests_rejected_total", {"cause": "queue_full"}) == 2
+    eng.gate.set()
+    for st in (busy, q1, q2):
+        assert collect(st)[3].finish_reason == "length"
+    assert_idle(s)
+    s.close()
+
+
+def test_one_failing_request_does_not_disturb_others():
+    eng = FakeEngine(num_slots=4, fail_prefill_token=90)
+    tok = FakeTokenizer(poison=[ord("#") - 32])
+    s = make(eng, tok)
+    good = [s.submit(Request(ids(p), max_tokens=6)) for p in ("a", "k", "p")]
+    bad_prefill = s.submit(Request((1, 90, 2), max_tokens=6))
+    bad_detok = s.submit(Request(ids("!"), max_tokens=6))  # second token is "#"
+    for st in good:
+        assert collect(st)[3].finish_reason == "length"
+    last = collect(bad_prefill)[3]
+    assert last.finish_reason == "error" and "injected prefill failure" in last.message
+    events, _, text, last = collect(bad_detok)
+    assert last.finish_reason == "error" and "cannot decode token 3" in last.message and text == '"'
+    assert_idle(s)
+    assert s.metrics.finished_by_reason()["error"] == 2
+    s.close()
+
+
+def test_failed_decode_step_ends_its_requests_only():
+    eng = FakeEngine(num_slots=2, step_delay=0.002)
+    s = make(eng)
+    a = s.submit(Request(ids("a"), max_tokens=20))
+    it = iter(a)
+    next(it)
+    next(it)
+    eng.fail_next_decode = True
+    assert list(it)[-1].finish_reason == "error"
+    assert collect(s.submit(Request(ids("a"), max_tokens=3)))[2] == "bcd"
+    assert_idle(s)
+    s.close()
+
+
+def test_drain_finishes_inflight_and_refuses_new():
+    eng = FakeEngine(num_slots=2, step_delay=0.002)
+    s = make(eng)
+    running = [s.submit(Request(ids("a"), max_tokens=20)) for _ in range(3)]  # one waits in the queue
+    results = []
+    t = threading.Thread(target=lambda: results.extend(collect(st)[3].finish_reason for st in running))
+    t.start()
+    assert s.drain(grace=10) is True
+    with pytest.raises(NotAcceptingError):
+        s.submit(Request(ids("a"), max_tokens=2))
+    t.join(10)
+    assert results == ["length"] * 3
+    s.close()
+
+
+def test_drain_grace_elapsed_cancels_the_rest():
+    eng = FakeEngine(num_slots=1, max_len=4096, step_delay=0.005)
+    s = make(eng)
+    st = s.submit(Request(ids("a"), max_tokens=4000, ignore_eos=True))
+    next(iter(st))
+    assert s.drain(grace=0.05) is False
+    last = collect(st)[3]
+    assert last.finish_reason == "cancelled" and "grace period" in last.message
+    assert_idle(s)
+    s.close()
+
+
+def test_close_ends_live_streams():
+    eng = FakeEngine(num_slots=1)
+    eng.gate = threading.Event()
+    s = make(eng)
+    st = s.submit(Request(ids("a"), max_tokens=5))
+    wait_for(lambda: s.load().active_slots == 1)
+    closer = threading.Thread(target=s.close)
+    closer.start()
+    eng.gate.set()
+    closer.join(10)
+    assert collect(st)[3].finish_reason in ("cancelled", "length")
+    with pytest.raises(NotAcceptingError):
+        s.submit(Request(ids("a"), max_tokens=2))
+
+
+# -- scoring -----------------------------------------------------------------------------------------
+
+
+def test_score_runs_on_the_loop_thread_between_steps(sched):
+    streams = [sched.submit(Request(ids("a"), max_tokens=30, ignore_eos=True)) for _ in range(3)]
+    out = sched.score(ids("ab"), ids("cdx")[1:])
+    assert out.token_logprobs == (-1.0, -1.0, -5.0) and out.logprob == -7.0 and not out.is_greedy
+    assert sched.score((5,), (6, 7)).is_greedy
+    with pytest.raises(InvalidRequestError, match="continuation is empty"):
+        sched.score((5,), ())
+    with pytest.raises(InvalidRequestError, match="exceeds max_len=64"):
+        sched.score((5,) * 60, (6,) * 5)
+    for st in streams:
+        collect(st)
+    assert sched.engine.violations == []
+
+
+# -- soak --------------------------------------------------------------------------------------------
+
+
+def test_soak_random_faults_leave_nothing_behind():
+    eng = FakeEngine(num_slots=4, max_len=96, prefill_chunk=5, step_delay=0.0005)
+    s = make(eng, FakeTokenizer(poison=[77]), max_queue_requests=24, max_queue_tokens=400)
+    rng = random.Random(7)
+    outcomes: dict[str, int] = {}
+    lock = threading.Lock()
+
+    def client(i: int) -> None:
+        kind = rng.choice(["ok", "ok", "ok", "cancel", "deadline", "bad", "stop"])
+        prompt = tuple(rng.randrange(0, 95) for _ in range(rng.randrange(1, 30)))
+        if kind == "bad":
+            prompt = prompt + (V + 3,)
+        req = Request(
+            prompt,
+            max_tokens=rng.randrange(1, 40),
+            stop=("m",) if kind == "stop" else (),
+            deadline=time.monotonic() + rng.uniform(0.001, 0.02) if kind == "deadline" else None,
+            request_id=f"soak{i}",
+        )
+        try:
+            st = s.submit(req)
+        except (InvalidRequestError, QueueFullError) as e:
+            with lock:
+                outcomes[type(e).__name__] = outcomes.get(type(e).__name__, 0) + 1
+            return
+        n = 0
+        for ev in st:
+            n += 1
+            if kind == "cancel" and n == 2:
+                st.cancel()
+            if ev.finish_reason:
+                with lock:
+                    outcomes[ev.finish_reason] = outcomes.get(ev.finish_reason, 0) + 1
+
+    threads = []
+    for i in range(300):
+        t = threading.Thread(target=client, args=(i,))
+        t.start()
+        threads.append(t)
+        if i % 8 == 0:
+            time.sleep(0.002)
+    for t in threads:
+        t.join(30)
+    assert sum(outcomes.values()) == 300
+    assert outcomes.get("InvalidRequestError", 0) > 0 and outcomes.get("length", 0) > 0
+    assert_idle(s)
+    by_reason = s.metrics.finished_by_reason()
+    for reason in ("stop", "length", "cancelled", "deadline", "error"):
+        assert by_reason[reason] == outcomes.get(reason, 0)
+    assert eng.violations == []
+    s.close()
