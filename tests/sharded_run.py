@@ -1,0 +1,32 @@
+"""Run by test_sharding.py in a fresh process with 8 virtual CPU devices:
+greedy tokens and top logprobs of the same engine on several meshes, as JSON."""
+
+import json
+import os
+import sys
+
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+
+import jax  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(__file__))
+from test_engine import ENGINE_CFG, GEMMA_TINY, LLAMA_TINY, make_model, prompt_of  # noqa: E402
+
+from jaxinfer.engine.engine import Engine  # noqa: E402
+from jaxinfer.engine.types import SamplingParams  # noqa: E402
+from jaxinfer.sharding import make_mesh  # noqa: E402
+
+assert len(jax.devices()) == 8, jax.devices()
+out = {}
+for cfg in (LLAMA_TINY, GEMMA_TINY):
+    for mesh in ("data=1,model=1", "data=2,model=4", "data=1,model=8"):
+        eng = Engine(make_model(cfg), ENGINE_CFG, mesh=make_mesh(mesh))
+        eng.compile(progress=False)
+        prompts = [prompt_of(n, seed=n) for n in (5, 40, 17)]
+        res = eng.generate(prompts, [SamplingParams(), SamplingParams(), SamplingParams(temperature=0.9, seed=3)],
+                           max_tokens=12, ignore_eos=True)
+        layers = eng.params["layers"]
+        shard = [str(x[...].sharding.spec) for x in (eng.state.cache.k, layers["wq"], layers["w_gate"])]
+        out[f"{cfg.name} {mesh}"] = {"tokens": [r["token_ids"] for r in res],
+                                     "logprobs": [r["logprobs"] for r in res], "shardings": shard}
+print(json.dumps(out))
