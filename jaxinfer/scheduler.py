@@ -428,7 +428,11 @@ class Scheduler:
             self._admission_check(job.tokens)
             self._scores.append(job)
             self._cv.notify_all()
-        return job.future.result(timeout)
+        try:
+            return job.future.result(timeout)
+        except TimeoutError:
+            job.future.cancel()  # the loop skips it if it has not started
+            raise
 
     def _admission_check(self, tokens: int) -> None:
         lim = self.limits

@@ -207,6 +207,14 @@ class SentencePieceTokenizer(Tokenizer):
     def __init__(self, proto: sp_pb2.ModelProto, **kwargs) -> None:
         self._proto = proto
         self._sp = spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
+        # Text after a control or user-defined token gets no dummy prefix (only the start
+        # of the text does, as in transformers); a second processor encodes those pieces.
+        self._sp_inner = self._sp
+        if proto.normalizer_spec.add_dummy_prefix:
+            inner = sp_pb2.ModelProto()
+            inner.CopyFrom(proto)
+            inner.normalizer_spec.add_dummy_prefix = False
+            self._sp_inner = spm.SentencePieceProcessor(model_proto=inner.SerializeToString())
         types = [p.type for p in proto.pieces]
         kinds = (sp_pb2.ModelProto.SentencePiece.CONTROL, sp_pb2.ModelProto.SentencePiece.UNKNOWN)
         special = {i for i, t in enumerate(types) if t in kinds}
@@ -233,11 +241,11 @@ class SentencePieceTokenizer(Tokenizer):
         pos = 0
         for m in self._added_re.finditer(text):
             if m.start() > pos:
-                ids.extend(self._sp.encode(text[pos : m.start()]))
+                ids.extend((self._sp if pos == 0 else self._sp_inner).encode(text[pos : m.start()]))
             ids.append(self._added[m.group()])
             pos = m.end()
         if pos < len(text):
-            ids.extend(self._sp.encode(text[pos:]))
+            ids.extend((self._sp if pos == 0 else self._sp_inner).encode(text[pos:]))
         return ids
 
     def decode(self, ids: Sequence[int], skip_special: bool = True) -> str:
@@ -259,13 +267,8 @@ class SentencePieceTokenizer(Tokenizer):
         if not run:
             return
         text = self._sp.decode(run)
-        if (
-            self._strips_first_space
-            and any(parts)
-            and self._sp.id_to_piece(run[0]).startswith("\u2581")
-            and not text.startswith(" ")
-        ):
-            text = " " + text  # only the start of the whole text loses its space
+        if self._strips_first_space and any(parts) and self._sp.id_to_piece(run[0]).startswith("\u2581"):
+            text = " " + text  # SentencePiece dropped it; only the start of the whole text loses it
         parts.append(text)
         run.clear()
 

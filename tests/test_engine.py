@@ -127,14 +127,18 @@ def test_no_recompilation_while_serving(engine: Engine):
     assert backend == [], f"compiled while serving: {events}"
 
 
-def test_decode_span_follows_length(engine: Engine):
-    """A short decode attends a short span; max_len only when needed."""
-    assert engine.spans[0] < engine.max_len
-    engine.prefill(2, prompt_of(3), SamplingParams())
-    step = engine.decode([2])
-    assert ("decode", engine.spans[0]) in engine._compiled
-    step.result()
-    engine.release(2)
+def test_decode_reads_only_what_it_needs(engine: Engine):
+    """A short decode attends a short span over a prefix of the slots; the full
+    span and every slot only when needed."""
+    assert engine.spans[0] < engine.max_len and engine.decode_rows[0] < engine.num_slots
+    engine.prefill(0, prompt_of(3), SamplingParams())
+    engine.decode([0]).result()
+    assert engine.last_decode_variant == (1, engine.spans[0])
+    engine.prefill(3, prompt_of(100), SamplingParams())
+    engine.decode([0, 3]).result()
+    assert engine.last_decode_variant == (engine.num_slots, 128)
+    engine.release(0)
+    engine.release(3)
 
 
 def test_prompt_too_long_is_rejected(engine: Engine):

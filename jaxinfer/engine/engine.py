@@ -53,6 +53,9 @@ class EngineConfig:
     # Bytes for the KV cache; when set, ``slots`` is derived from it.
     memory_budget_bytes: int | None = None
     unroll: int = 1  # lax.scan unroll over layers
+    # Decode compiles for these prefixes of the slots (and all slots), so a
+    # lightly loaded server does not pay for every slot.
+    decode_rows: tuple[int, ...] = (1, 4, 16)
     score_chunk: int = 128  # positions per logits chunk when scoring
     seed: int = 0  # seed for requests that give none
 
@@ -152,6 +155,12 @@ class Engine:
         self.max_len = self.config.max_len
         self.prefill_chunk = self.config.prefill_buckets[-1]
         self.spans = _pow2_spans(self.config.min_span, self.max_len)
+        # Decode runs over the first `rows` slots; drivers fill low slots first.
+        # Slots sharded over `data` always decode whole.
+        if self.mesh.shape["data"] > 1:
+            self.decode_rows = (self.num_slots,)
+        else:
+            self.decode_rows = tuple(sorted({min(r, self.num_slots) for r in self.config.decode_rows} | {self.num_slots}))
         self.params = self._place_params(params)
         self.state = self._init_state(cache_dtype)
         self._host_len = np.zeros(self.num_slots, np.int64)
@@ -257,21 +266,25 @@ class Engine:
             )
             return ds, out
 
-        def decode(params, ds: DecodeState, active, *, span):
+        def decode(params, ds: DecodeState, active, *, span, rows):
+            """One step for slots [0, rows); active: bool [rows]."""
             model = nnx.merge(graphdef, params)
-            positions = jnp.where(active, ds.lengths, max_len)[:, None]
-            hidden, cache = model(ds.tokens[:, None], positions, ds.cache, None, span, unroll)
+            head = lambda a: a[:rows]  # noqa: E731
+            lengths = head(ds.lengths)
+            positions = jnp.where(active, lengths, max_len)[:, None]
+            hidden, cache = model(head(ds.tokens)[:, None], positions, ds.cache, None, span, unroll)
             logits = model.logits(hidden[:, 0])
-            out = sample(logits, ds.sampling, ds.counts, ds.seen, ds.lengths + 1)
-            S = ds.tokens.shape[0]
+            counts, seen = head(ds.counts), head(ds.seen)
+            out = sample(logits, jax.tree.map(head, ds.sampling), counts, seen, lengths + 1)
+            r = jnp.arange(rows)
             inc = active.astype(jnp.int32)
             ds = DecodeState(
                 cache=cache,
-                tokens=jnp.where(active, out.token, ds.tokens),
-                lengths=ds.lengths + inc,
+                tokens=ds.tokens.at[:rows].set(jnp.where(active, out.token, head(ds.tokens))),
+                lengths=ds.lengths.at[:rows].add(inc),
                 sampling=ds.sampling,
-                counts=ds.counts.at[jnp.arange(S), out.token].add(inc),
-                seen=ds.seen.at[jnp.arange(S), out.token].set(ds.seen[jnp.arange(S), out.token] | active),
+                counts=ds.counts.at[r, out.token].add(inc),
+                seen=ds.seen.at[r, out.token].set(seen[r, out.token] | active),
             )
             return ds, out
 
@@ -283,7 +296,12 @@ class Engine:
             for span in self.spans
         }
         self._decode_jit = {
-            span: jax.jit(lambda p, ds, a, span=span: decode(p, ds, a, span=span), donate_argnums=1, out_shardings=out_sh)
+            (rows, span): jax.jit(
+                lambda p, ds, a, span=span, rows=rows: decode(p, ds, a, span=span, rows=rows),
+                donate_argnums=1,
+                out_shardings=out_sh,
+            )
+            for rows in self.decode_rows
             for span in self.spans
         }
 
@@ -329,7 +347,8 @@ class Engine:
 
     def compile(self, progress: bool = True) -> dict[str, float]:
         """Compile every prefill variant and every decode span ahead of time."""
-        todo = [("prefill", t, s) for t, s in self.prefill_variants()] + [("decode", 0, s) for s in self.spans]
+        todo = [("prefill", t, s) for t, s in self.prefill_variants()]
+        todo += [("decode", r, s) for r in self.decode_rows for s in self.spans]
         t_all = time.perf_counter()
         for i, (kind, T, span) in enumerate(todo, 1):
             t0 = time.perf_counter()
@@ -339,9 +358,10 @@ class Engine:
                 self._compiled[("prefill", T, span)] = exe
                 label = f"prefill T={T} span={span}"
             else:
-                exe = self._decode_jit[span].lower(self.params, self.state, np.zeros(self.num_slots, np.bool_)).compile()
-                self._compiled[("decode", span)] = exe
-                label = f"decode span={span}"
+                mask = np.zeros(T, np.bool_)
+                exe = self._decode_jit[(T, span)].lower(self.params, self.state, mask).compile()
+                self._compiled[("decode", T, span)] = exe
+                label = f"decode rows={T} span={span}"
             self.compile_seconds[label] = time.perf_counter() - t0
             if progress:
                 log.info("compiled %d/%d %s in %.1fs", i, len(todo), label, self.compile_seconds[label])
@@ -395,13 +415,15 @@ class Engine:
 
     def decode(self, active: Sequence[int]) -> _Step:
         active = list(active)
-        mask = np.zeros(self.num_slots, np.bool_)
+        rows = _round_up(max(active, default=0) + 1, self.decode_rows)
+        mask = np.zeros(rows, np.bool_)
         mask[active] = True
         longest = int(self._host_len[active].max()) if active else 0
         if longest >= self.max_len:
             raise ValueError(f"a slot reached max_len={self.max_len}; the driver must stop it first")
         span = _round_up(longest + 1, self.spans)
-        self.state, out = self._exe(("decode", span))(self.params, self.state, mask)
+        self.last_decode_variant = (rows, span)
+        self.state, out = self._exe(("decode", rows, span))(self.params, self.state, mask)
         self._host_len[active] += 1
         return _Step(out, active, dict(self._want_top))
 

@@ -183,8 +183,8 @@ class Transformer(nnx.Module):
 
         tokens, positions: [B, T] int32. A position >= cache.max_len marks padding:
           its keys/values are not written.
-        slots: [B] int32 cache rows of the B sequences; None means B == all slots
-          in order (decode).
+        slots: [B] int32 cache rows of the B sequences; None means the first B
+          slots in order (decode over a prefix of the slots).
         span: static; attention reads cache positions [0, span). Every real
           position must be < span.
         Returns hidden [B, T, D] and the updated cache.
@@ -223,8 +223,10 @@ class Transformer(nnx.Module):
             k = apply_rope(k, positions, inv)
             ck = ck.at[idx, slot_rows[:, None], positions].set(k.astype(ck.dtype), mode="drop")
             cv = cv.at[idx, slot_rows[:, None], positions].set(v.astype(cv.dtype), mode="drop")
-            keys = lax.dynamic_index_in_dim(ck, idx, 0, keepdims=False)[:, :span]
-            vals = lax.dynamic_index_in_dim(cv, idx, 0, keepdims=False)[:, :span]
+            # Read only [0, span) of this layer: slicing after indexing would copy the whole layer.
+            rows = ck.shape[1] if slots is not None else B  # decode: the first B slots
+            keys = lax.dynamic_slice(ck, (idx, 0, 0, 0, 0), (1, rows, span, *ck.shape[3:]))[0]
+            vals = lax.dynamic_slice(cv, (idx, 0, 0, 0, 0), (1, rows, span, *cv.shape[3:]))[0]
             if slots is not None:
                 keys, vals = keys[slots], vals[slots]  # [B, span, G, Hd]
             mask = causal & (in_window | ~local) if window else causal

@@ -1,0 +1,131 @@
+"""``jaxinfer serve``: load a model, compile every program ahead of time, serve gRPC until SIGTERM.
+
+On SIGTERM / SIGINT: health turns NOT_SERVING, new requests get UNAVAILABLE, requests in
+flight finish within ``--grace-period`` (the rest are cancelled), then the process exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import threading
+import time
+from pathlib import Path
+
+log = logging.getLogger("jaxinfer.serve")
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="serve a model over gRPC (continuous batching, streaming)",
+        description="Serve a model over gRPC: jaxinfer.v1.Inference (Generate, Score, Tokenize, Detokenize, "
+        "GetModelInfo) plus grpc.health.v1.Health and server reflection. Every prefill/decode program is "
+        "compiled before the port opens. SIGTERM drains: NOT_SERVING, new requests refused, in-flight ones "
+        "finish within --grace-period, exit 0.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    m = p.add_argument_group("model")
+    m.add_argument(
+        "--model", default=DEFAULT_MODEL,
+        help="converted checkpoint directory, .gguf file, Hugging Face directory, or a built-in name",
+    )
+    m.add_argument("--dtype", default="float32", help="weight dtype (float32, bfloat16, float16)")
+    m.add_argument("--mesh", default="", help='device mesh, e.g. "data=2,model=4" (empty: one device)')
+    m.add_argument("--slots", type=int, default=8, help="KV-cache slots = requests decoded together")
+    m.add_argument("--max-len", type=int, default=2048, help="tokens per slot: prompt + max_tokens limit")
+    n = p.add_argument_group("network")
+    n.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 or [::] for remote clients)")
+    n.add_argument("--port", type=int, default=50051, help="gRPC port (0: any free port)")
+    n.add_argument("--auth-token-file", help="file holding a bearer token that every call must send (health stays open)")
+    n.add_argument("--tls-cert", help="PEM certificate chain (with --tls-key): serve over TLS")
+    n.add_argument("--tls-key", help="PEM private key (with --tls-cert)")
+    n.add_argument("--max-message-bytes", type=int, default=4 << 20, help="largest request or response message")
+    n.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this HTTP port (/metrics); off if unset")
+    n.add_argument("--metrics-host", default="0.0.0.0", help="address of the metrics exporter")
+    q = p.add_argument_group("admission")
+    q.add_argument("--max-queue-requests", type=int, default=256, help="requests waiting for a slot before RESOURCE_EXHAUSTED")
+    q.add_argument("--max-queue-tokens", type=int, default=1 << 20, help="prompt tokens waiting before RESOURCE_EXHAUSTED")
+    q.add_argument("--default-max-tokens", type=int, default=256, help="max_tokens of requests that leave it unset")
+    q.add_argument("--max-stop-strings", type=int, default=16, help="stop strings per request")
+    q.add_argument("--grace-period", type=float, default=30.0, help="seconds in-flight requests get to finish on SIGTERM")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from jaxinfer.metrics import Metrics
+    from server.app import ModelDescription, ServerOptions, build_server
+    from server.auth import read_token_file
+
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise ValueError("--tls-cert and --tls-key go together")
+    options = ServerOptions(
+        host=args.host,
+        port=args.port,
+        max_queue_requests=args.max_queue_requests,
+        max_queue_tokens=args.max_queue_tokens,
+        default_max_tokens=args.default_max_tokens,
+        max_stop_strings=args.max_stop_strings,
+        max_message_bytes=args.max_message_bytes,
+        auth_token=read_token_file(args.auth_token_file) if args.auth_token_file else None,
+        tls_cert=Path(args.tls_cert).read_bytes() if args.tls_cert else None,
+        tls_key=Path(args.tls_key).read_bytes() if args.tls_key else None,
+        grace_period=args.grace_period,
+    )
+
+    from jaxinfer import sharding
+    from jaxinfer.checkpoint import resolve_model
+    from jaxinfer.engine.engine import Engine
+
+    t0 = time.perf_counter()
+    path = resolve_model(args.model, dtype=args.dtype)
+    engine = Engine.from_checkpoint(path, mesh=args.mesh or None, slots=args.slots, max_len=args.max_len, dtype=args.dtype)
+    log.info("loaded %s from %s in %.1fs: %s", args.model, path, time.perf_counter() - t0, engine.describe())
+    if engine.tokenizer is None:
+        raise ValueError(f"checkpoint {path} carries no tokenizer")
+    compiled = engine.compile()
+    for label, seconds in compiled.items():
+        log.info("compiled %-28s %.2fs", label, seconds)
+    model = ModelDescription(
+        name=engine.name,
+        architecture=engine.cfg.family,
+        dtype=str(engine.dtype),
+        mesh=sharding.describe(engine.mesh),
+        max_position_embeddings=engine.cfg.max_position_embeddings,
+    )
+    metrics = Metrics()
+    server = build_server(engine, engine.tokenizer, model, options, metrics=metrics)
+    if args.metrics_port is not None:
+        log.info("metrics on http://%s:%d/metrics", args.metrics_host, metrics.serve_http(args.metrics_port, args.metrics_host))
+    try:
+        return serve_until_signal(server)
+    finally:
+        metrics.close()
+
+
+def serve_until_signal(server, grace: float | None = None, signals=(signal.SIGTERM, signal.SIGINT)) -> int:
+    """Start ``server`` (an :class:`server.app.InferenceServer`), log "SERVING on host:port", block
+    until one of ``signals``, then drain within ``grace`` seconds. Returns the exit code (0)."""
+    stop = threading.Event()
+    received: list[int] = []
+
+    def on_signal(signum, frame):
+        received.append(signum)
+        stop.set()
+
+    previous = {s: signal.signal(s, on_signal) for s in signals}
+    try:
+        server.start()
+        log.info("SERVING on %s", server.address)
+        while not stop.wait(0.5):
+            pass
+        log.info("received %s: draining", signal.Signals(received[0]).name)
+        clean = server.drain(grace)
+        log.info("shut down %s", "cleanly" if clean else "after cancelling requests past the grace period")
+        return 0
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
