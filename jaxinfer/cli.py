@@ -11,7 +11,7 @@ import importlib
 import logging
 import sys
 
-COMMANDS = ["convert", "generate", "score"]
+COMMANDS = ["convert", "generate", "score", "serve", "client"]
 
 
 def build_parser() -> argparse.ArgumentParser:

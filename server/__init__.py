@@ -1,0 +1,2 @@
+"""gRPC serving: ``jaxinfer.v1.Inference`` (server/jaxinfer.proto) over the continuous-batching
+scheduler. Entry point: :func:`server.app.build_server`."""

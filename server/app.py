@@ -1,0 +1,465 @@
+"""The gRPC front end: ``jaxinfer.v1.Inference`` over a :class:`~jaxinfer.scheduler.Scheduler`.
+
+The servicer only turns protos into :class:`~jaxinfer.scheduler.Request` s (tokenize, render
+chat, apply defaults, truncate when asked), submits them and relays their event streams; the
+scheduler owns validation, queueing and the engine. Status codes:
+
+=====================  ===================================================================
+INVALID_ARGUMENT       a field can never be served as given (the message names it and its limit)
+RESOURCE_EXHAUSTED     the waiting queue is full (message names the limit); retry later
+UNAVAILABLE            draining / shutting down
+CANCELLED              the client went away (the slot is freed within one decode step)
+DEADLINE_EXCEEDED      the call's deadline passed (likewise)
+INTERNAL               this request failed while being served; other requests go on
+UNAUTHENTICATED        missing or wrong bearer token (when the server has one)
+=====================  ===================================================================
+
+Also served: the standard ``grpc.health.v1.Health`` (NOT_SERVING once draining) and server
+reflection. :func:`build_server` wires it all; the lead's ``serve`` command and the tests call it.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import threading
+import time
+import uuid
+from concurrent import futures
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+import jaxinfer
+from jaxinfer.engine.types import MAX_TOP_LOGPROBS, EngineProtocol, SamplingParams
+from jaxinfer.metrics import Metrics
+from jaxinfer.scheduler import (
+    DetokenizerLike,
+    InvalidRequestError,
+    NotAcceptingError,
+    QueueFullError,
+    Request,
+    RequestStream,
+    Scheduler,
+    SchedulerLimits,
+    TokenizerLike,
+)
+from server import jaxinfer_pb2 as pb
+from server import jaxinfer_pb2_grpc as pb_grpc
+from server.auth import BearerTokenInterceptor
+
+log = logging.getLogger(__name__)
+
+SERVICE = pb.DESCRIPTOR.services_by_name["Inference"].full_name
+MAX_CONTINUATIONS = 64
+
+
+@dataclass(frozen=True)
+class ModelDescription:
+    """What GetModelInfo reports about the served model."""
+
+    name: str
+    architecture: str = ""  # e.g. "llama", "gemma3"
+    dtype: str = ""
+    mesh: str = ""
+    max_position_embeddings: int | None = None  # the model's own context limit
+
+
+@dataclass(frozen=True)
+class ServerOptions:
+    host: str = "127.0.0.1"
+    port: int = 0  # 0: any free port (InferenceServer.port tells which)
+    max_queue_requests: int = 256
+    max_queue_tokens: int = 1 << 20
+    default_max_tokens: int = 256  # when a request leaves max_tokens unset (capped to what fits)
+    max_stop_strings: int = 16
+    max_stop_length: int = 256
+    max_message_bytes: int = 4 << 20
+    auth_token: str | None = None
+    tls_cert: bytes | None = None  # PEM; with tls_key
+    tls_key: bytes | None = None
+    grace_period: float = 30.0
+    max_workers: int | None = None  # None: slots + max_queue_requests + 16
+
+
+class _Abort(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+def _status_of(e: Exception) -> _Abort:
+    if isinstance(e, _Abort):
+        return e
+    if isinstance(e, InvalidRequestError):
+        return _Abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+    if isinstance(e, QueueFullError):
+        return _Abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+    if isinstance(e, NotAcceptingError):
+        return _Abort(grpc.StatusCode.UNAVAILABLE, str(e))
+    if isinstance(e, TimeoutError):
+        return _Abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded while waiting for the engine")
+    log.exception("internal error")
+    return _Abort(grpc.StatusCode.INTERNAL, f"internal error: {e}")
+
+
+def _unary(method):
+    """Map exceptions to statuses and count every call's status code."""
+
+    @functools.wraps(method)
+    def wrapper(self: InferenceServicer, request, context):
+        try:
+            response = method(self, request, context)
+        except Exception as e:
+            status = _status_of(e)
+            self._metrics.grpc_call(method.__name__, status.code.name)
+            context.abort(status.code, status.message)
+        self._metrics.grpc_call(method.__name__, "OK")
+        return response
+
+    return wrapper
+
+
+def _remaining(context: grpc.ServicerContext) -> float | None:
+    """Seconds left of the call's deadline; None when it has none."""
+    remaining = context.time_remaining()
+    return None if remaining is None or remaining > 1e8 else remaining
+
+
+def _deadline(context: grpc.ServicerContext) -> float | None:
+    remaining = _remaining(context)
+    return None if remaining is None else time.monotonic() + remaining
+
+
+class _GenerateCall:
+    """Counts one Generate call's status exactly once: OK / an abort code when the handler gets
+    there, else CANCELLED or DEADLINE_EXCEEDED when the RPC ends under it (client gone), which also
+    cancels the request so its slot is freed."""
+
+    def __init__(self, metrics: Metrics, context: grpc.ServicerContext) -> None:
+        self._metrics, self._context = metrics, context
+        self._lock = threading.Lock()
+        self._recorded = False
+        self._over = False
+        self._stream: RequestStream | None = None
+
+    def attach(self, stream: RequestStream) -> RequestStream:
+        with self._lock:
+            self._stream = stream
+            over = self._over
+        if over:
+            stream.cancel()
+        return stream
+
+    def record(self, code: str) -> None:
+        with self._lock:
+            if self._recorded:
+                return
+            self._recorded = True
+        self._metrics.grpc_call("Generate", code)
+
+    def terminated(self) -> None:  # the RPC is over, for whatever reason
+        with self._lock:
+            self._over = True
+            stream = self._stream
+        if stream is not None:
+            stream.cancel()
+        remaining = _remaining(self._context)
+        self.record("DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED")
+
+
+class InferenceServicer(pb_grpc.InferenceServicer):
+    def __init__(
+        self, scheduler: Scheduler, tokenizer: TokenizerLike, model: ModelDescription, options: ServerOptions,
+        metrics: Metrics,
+    ) -> None:
+        self._sched, self._tok, self._model, self._opts, self._metrics = scheduler, tokenizer, model, options, metrics
+
+    # -- Generate --------------------------------------------------------------------------------------
+
+    def Generate(self, request: pb.GenerateRequest, context: grpc.ServicerContext):
+        rid = request.request_id or uuid.uuid4().hex
+        call = _GenerateCall(self._metrics, context)
+        if not context.add_callback(call.terminated):
+            call.terminated()
+        try:
+            try:
+                req, prompt_ids, truncated = self._to_request(request, rid, context)
+            except InvalidRequestError:
+                self._metrics.request_rejected("invalid")  # (the scheduler counts what it refuses)
+                raise
+            stream = call.attach(self._sched.submit(req))
+            log.info(
+                "request_id=%s Generate peer=%s prompt_tokens=%d max_tokens=%d truncated=%d",
+                rid, context.peer(), len(prompt_ids), req.max_tokens, truncated,
+            )
+            first = True
+            for ev in stream:
+                if ev.finish_reason in ("cancelled", "deadline", "error"):
+                    if ev.finish_reason == "cancelled" and stream.cancelled:
+                        return  # the client cancelled or disconnected: nobody to tell
+                    raise _Abort(
+                        {"cancelled": grpc.StatusCode.UNAVAILABLE, "deadline": grpc.StatusCode.DEADLINE_EXCEEDED}.get(
+                            ev.finish_reason, grpc.StatusCode.INTERNAL
+                        ),
+                        f"request {rid}: {ev.message or ev.finish_reason} "
+                        f"(after {ev.usage.completion_tokens if ev.usage else 0} tokens)",
+                    )
+                resp = pb.GenerateResponse(request_id=rid, token_ids=ev.token_ids, text=ev.text)
+                for lp in ev.logprobs:
+                    resp.logprobs.add(
+                        token_id=lp.token, logprob=lp.logprob, top_token_ids=lp.top_ids, top_logprobs=lp.top_logprobs
+                    )
+                if first and request.echo:
+                    resp.prompt_token_ids.extend(prompt_ids)
+                first = False
+                if ev.finish_reason is not None:
+                    resp.finish_reason = ev.finish_reason
+                    resp.usage.prompt_tokens = ev.usage.prompt_tokens
+                    resp.usage.completion_tokens = ev.usage.completion_tokens
+                    resp.usage.truncated_prompt_tokens = truncated
+                    resp.timings.queue_seconds = ev.timings.queue_s
+                    resp.timings.ttft_seconds = ev.timings.ttft_s or 0.0
+                    resp.timings.total_seconds = ev.timings.total_s
+                    call.record("OK")
+                yield resp
+        except Exception as e:
+            status = _status_of(e)
+            call.record(status.code.name)
+            log.info("request_id=%s Generate status=%s message=%r", rid, status.code.name, status.message)
+            context.abort(status.code, status.message)
+
+    def _to_request(
+        self, r: pb.GenerateRequest, rid: str, context: grpc.ServicerContext
+    ) -> tuple[Request, list[int], int]:
+        given = [
+            name
+            for name, present in (
+                ("prompt", bool(r.prompt)),
+                ("prompt_token_ids", len(r.prompt_token_ids) > 0),
+                ("messages", len(r.messages) > 0),
+            )
+            if present
+        ]
+        if not given:
+            raise InvalidRequestError("prompt", "prompt is empty: give prompt, prompt_token_ids or messages")
+        if len(given) > 1:
+            raise InvalidRequestError(given[1], f"give exactly one of prompt, prompt_token_ids, messages (got {given})")
+        if r.prompt:
+            ids = self._encode("prompt", r.prompt)
+        elif r.messages:
+            ids = self._encode("messages", self._render_chat(r.messages), chat=True)
+        else:
+            ids = list(r.prompt_token_ids)
+        max_len = self._sched.max_len
+        if r.HasField("max_tokens"):
+            max_tokens = r.max_tokens
+        else:
+            room = max_len - len(ids)
+            max_tokens = min(self._opts.default_max_tokens, room) if room >= 1 else self._opts.default_max_tokens
+        truncated = 0
+        if r.truncate_prompt and len(ids) + max_tokens > max_len and 1 <= max_tokens < max_len:
+            keep = max_len - max_tokens
+            truncated, ids = len(ids) - keep, ids[-keep:]
+        sampling = SamplingParams(
+            temperature=r.temperature if r.HasField("temperature") else 0.0,
+            top_k=r.top_k if r.HasField("top_k") else 0,
+            top_p=r.top_p if r.HasField("top_p") else 1.0,
+            min_p=r.min_p if r.HasField("min_p") else 0.0,
+            repetition_penalty=r.repetition_penalty if r.HasField("repetition_penalty") else 1.0,
+            presence_penalty=r.presence_penalty,
+            frequency_penalty=r.frequency_penalty,
+            seed=r.seed if r.HasField("seed") else None,
+            logprobs=r.logprobs if r.HasField("logprobs") else 0,
+        )
+        req = Request(
+            prompt_ids=tuple(ids),
+            max_tokens=max_tokens,
+            sampling=sampling,
+            request_id=rid,
+            min_tokens=r.min_tokens,
+            stop=tuple(r.stop),
+            stop_token_ids=tuple(r.stop_token_ids),
+            ignore_eos=r.ignore_eos,
+            return_logprobs=r.HasField("logprobs"),
+            deadline=_deadline(context),
+        )
+        return req, ids, truncated
+
+    def _render_chat(self, messages) -> str:
+        try:
+            return self._tok.apply_chat_template([{"role": m.role, "content": m.content} for m in messages])
+        except ValueError as e:
+            raise InvalidRequestError("messages", f"messages: {e}") from None
+
+    def _encode(self, field_name: str, text: str, chat: bool = False, add_bos: bool | None = None) -> list[int]:
+        if chat:  # a template that writes the BOS text itself must not get a second BOS
+            bos = getattr(self._tok, "bos_token", None)
+            if isinstance(bos, str) and bos and text.startswith(bos):
+                add_bos = False
+        try:
+            return list(self._tok.encode(text, add_bos=add_bos))
+        except ValueError as e:
+            raise InvalidRequestError(field_name, f"{field_name}: {e}") from None
+
+    # -- unary calls -----------------------------------------------------------------------------------
+
+    @_unary
+    def Score(self, request: pb.ScoreRequest, context: grpc.ServicerContext) -> pb.ScoreResponse:
+        n = len(request.continuations)
+        if not 1 <= n <= MAX_CONTINUATIONS:
+            raise InvalidRequestError("continuations", f"{n} continuations (must be 1..{MAX_CONTINUATIONS})")
+        context_ids = self._encode("context", request.context)
+        if not context_ids:
+            raise InvalidRequestError("context", "context is empty and the tokenizer adds no BOS: nothing to condition on")
+        resp = pb.ScoreResponse(context_token_ids=context_ids)
+        for i, text in enumerate(request.continuations):
+            cont = self._encode(f"continuations[{i}]", text, add_bos=False)
+            if not cont:
+                raise InvalidRequestError(f"continuations[{i}]", f"continuations[{i}] is empty")
+            try:
+                out = self._sched.score(context_ids, cont, timeout=_remaining(context))
+            except InvalidRequestError as e:
+                raise InvalidRequestError(f"continuations[{i}]", f"continuations[{i}]: {e}") from None
+            resp.scores.add(
+                logprob=out.logprob, token_logprobs=out.token_logprobs, is_greedy=out.is_greedy, token_ids=cont
+            )
+        return resp
+
+    @_unary
+    def Tokenize(self, request: pb.TokenizeRequest, context: grpc.ServicerContext) -> pb.TokenizeResponse:
+        if request.messages and request.text:
+            raise InvalidRequestError("messages", "give text or messages, not both")
+        add_bos = request.add_bos if request.HasField("add_bos") else None
+        if request.messages:
+            text = self._render_chat(request.messages)
+            return pb.TokenizeResponse(token_ids=self._encode("messages", text, chat=True, add_bos=add_bos), text=text)
+        return pb.TokenizeResponse(token_ids=self._encode("text", request.text, add_bos=add_bos), text=request.text)
+
+    @_unary
+    def Detokenize(self, request: pb.DetokenizeRequest, context: grpc.ServicerContext) -> pb.DetokenizeResponse:
+        self._sched._check_ids("token_ids", request.token_ids)
+        return pb.DetokenizeResponse(text=self._tok.decode(list(request.token_ids)))
+
+    @_unary
+    def GetModelInfo(self, request: pb.GetModelInfoRequest, context: grpc.ServicerContext) -> pb.ModelInfo:
+        s, m = self._sched, self._model
+        return pb.ModelInfo(
+            model=m.name,
+            architecture=m.architecture,
+            vocab_size=s.vocab_size,
+            max_len=s.max_len,
+            slots=s.num_slots,
+            mesh=m.mesh,
+            dtype=m.dtype,
+            version=jaxinfer.__version__,
+            prefill_chunk=s.engine.prefill_chunk,
+            max_queue_requests=s.limits.max_queue_requests,
+            max_queue_tokens=s.limits.max_queue_tokens,
+            eos_token_ids=sorted(int(t) for t in self._tok.eos_ids),
+            max_stop_strings=s.limits.max_stop_strings,
+            max_top_logprobs=MAX_TOP_LOGPROBS,
+        )
+
+
+class InferenceServer:
+    """A started-or-not gRPC server with its scheduler. ``start()``, then ``drain()`` or ``stop()``."""
+
+    def __init__(
+        self, server: grpc.Server, scheduler: Scheduler, health_servicer: health.HealthServicer, metrics: Metrics,
+        port: int, options: ServerOptions,
+    ) -> None:
+        self.grpc_server, self.scheduler, self.health, self.metrics = server, scheduler, health_servicer, metrics
+        self.port, self.options = port, options
+        self.address = f"{options.host}:{port}"
+
+    def start(self) -> InferenceServer:
+        self.scheduler.start()
+        self.grpc_server.start()
+        for name in ("", SERVICE):
+            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        return self
+
+    def drain(self, grace: float | None = None) -> bool:
+        """Health NOT_SERVING, refuse new requests (UNAVAILABLE), let in-flight ones finish within
+        ``grace`` seconds (default options.grace_period), then stop. True when nothing was cut."""
+        grace = self.options.grace_period if grace is None else grace
+        log.info("draining: grace period %.1fs", grace)
+        self.health.enter_graceful_shutdown()
+        clean = self.scheduler.drain(grace)
+        self.grpc_server.stop(grace=2.0).wait(5.0)  # lets the handlers send their last responses
+        self.scheduler.close()
+        log.info("drained (%s)", "clean" if clean else "in-flight requests cancelled after the grace period")
+        return clean
+
+    def stop(self) -> None:
+        self.health.enter_graceful_shutdown()
+        self.grpc_server.stop(grace=None).wait(5.0)
+        self.scheduler.close()
+
+    def wait_for_termination(self, timeout: float | None = None) -> bool:
+        return self.grpc_server.wait_for_termination(timeout)
+
+
+def build_server(
+    engine: EngineProtocol,
+    tokenizer: TokenizerLike,
+    model: ModelDescription,
+    options: ServerOptions = ServerOptions(),
+    *,
+    metrics: Metrics | None = None,
+    detokenizer=None,
+) -> InferenceServer:
+    """Scheduler + servicer + health + reflection (+ auth, TLS) bound to ``options.host:port``,
+    not started. ``detokenizer``: a factory ``tokenizer -> .add(ids)/.flush()``; None uses
+    :class:`jaxinfer.tokenizer.IncrementalDetokenizer`."""
+    metrics = metrics or Metrics()
+    limits = SchedulerLimits(
+        max_queue_requests=options.max_queue_requests,
+        max_queue_tokens=options.max_queue_tokens,
+        max_stop_strings=options.max_stop_strings,
+        max_stop_length=options.max_stop_length,
+        model_max_len=model.max_position_embeddings,
+    )
+    scheduler = Scheduler(engine, tokenizer, limits, metrics=metrics, detokenizer=detokenizer)
+    if options.max_queue_tokens < scheduler.max_len:
+        log.warning(
+            "max_queue_tokens=%d < max_len=%d: prompts longer than the queue limit are always refused",
+            options.max_queue_tokens, scheduler.max_len,
+        )
+    workers = options.max_workers or scheduler.num_slots + options.max_queue_requests + 16
+    interceptors = []
+    if options.auth_token:
+        interceptors.append(
+            BearerTokenInterceptor(options.auth_token, on_reject=lambda m: metrics.grpc_call(m.rsplit("/", 1)[-1], "UNAUTHENTICATED"))
+        )
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="jaxinfer-grpc"),
+        interceptors=interceptors,
+        options=[
+            ("grpc.max_receive_message_length", options.max_message_bytes),
+            ("grpc.max_send_message_length", options.max_message_bytes),
+            ("grpc.so_reuseport", 0),
+        ],
+        maximum_concurrent_rpcs=2 * workers,  # beyond: RESOURCE_EXHAUSTED from grpc itself
+    )
+    pb_grpc.add_InferenceServicer_to_server(InferenceServicer(scheduler, tokenizer, model, options, metrics), server)
+    health_servicer = health.HealthServicer(experimental_non_blocking=True)
+    for name in ("", SERVICE):
+        health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
+    )
+    address = f"{options.host}:{options.port}"
+    if options.tls_cert or options.tls_key:
+        if not (options.tls_cert and options.tls_key):
+            raise ValueError("TLS needs both a certificate and a key")
+        port = server.add_secure_port(address, grpc.ssl_server_credentials([(options.tls_key, options.tls_cert)]))
+    else:
+        port = server.add_insecure_port(address)
+    if not port:
+        raise OSError(f"could not bind {address}")
+    return InferenceServer(server, scheduler, health_servicer, metrics, port, options)
