@@ -33,6 +33,8 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    if not args.verbose:  # orbax/absl narrate every restore at INFO
+        logging.getLogger("absl").setLevel(logging.WARNING)
     try:
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError) as e:

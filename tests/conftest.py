@@ -39,3 +39,23 @@ def smollm2_dir(model_cache_dir: Path) -> Path:
 @pytest.fixture(scope="session")
 def gemma3_dir(model_cache_dir: Path) -> Path:
     return _resolve("gemma3-270m", model_cache_dir)
+
+
+# --- the reference implementation on the same GGUF files ---------------------------------------
+
+_HF_MODELS: dict[Path, object] = {}
+
+
+def hf_model_from_gguf(ckpt_dir: Path):
+    """transformers' own model (PyTorch, float32) loaded from the GGUF that ``ckpt_dir``
+    was converted from; loaded once per session and shared by every test."""
+    import json
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    source = Path(json.loads((Path(ckpt_dir) / "jaxinfer.json").read_text())["source"])
+    if source not in _HF_MODELS:
+        m = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype=torch.float32)
+        _HF_MODELS[source] = m.eval()
+    return _HF_MODELS[source]

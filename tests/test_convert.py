@@ -32,6 +32,7 @@ from transformers import (
 )
 
 import jaxinfer.checkpoint as ckpt
+from conftest import hf_model_from_gguf
 from jaxinfer.checkpoint import convert, load_checkpoint, resolve_model, save_checkpoint
 from jaxinfer.config import GEMMA3_270M, SMOLLM2_135M, ModelConfig
 from jaxinfer.convert import read_source
@@ -626,8 +627,7 @@ def test_cli_convert(tmp_path, capsys):
 
 def check_against_transformers_gguf(ckpt_dir: Path) -> ModelConfig:
     loaded = load_checkpoint(ckpt_dir)
-    source = Path(json.loads((ckpt_dir / "jaxinfer.json").read_text())["source"])
-    sd = transformers_from_gguf(source)
+    sd = hf_model_from_gguf(ckpt_dir).state_dict()
     assert_weights_equal(to_numpy(loaded.params), expected_from_hf(sd, loaded.config), atol=1e-6)
     assert loaded.tokenizer is not None
     return loaded.config

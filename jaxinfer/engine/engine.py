@@ -58,6 +58,9 @@ class EngineConfig:
     decode_rows: tuple[int, ...] = (1, 4, 16)
     score_chunk: int = 128  # positions per logits chunk when scoring
     seed: int = 0  # seed for requests that give none
+    # Compile a variant on first use instead of failing (scripts and the CLI;
+    # a server compiles everything ahead of time and keeps this off).
+    lazy_compile: bool = False
 
     def resolved(self, cfg: ModelConfig, cache_dtype) -> "EngineConfig":
         if self.max_len > cfg.max_position_embeddings:
@@ -88,6 +91,17 @@ class DecodeState:
     sampling: SlotSampling  # [slots] each
     counts: jax.Array  # i32 [slots, vocab]: generated-token counts (penalties)
     seen: jax.Array  # bool [slots, vocab]: tokens in prompt or output (repetition penalty)
+
+
+def enable_compilation_cache(directory: str | Path | None = None) -> Path:
+    """Persistent XLA compilation cache, so a second start does not recompile."""
+    import os
+
+    d = Path(directory or os.environ.get("JAXINFER_XLA_CACHE", Path.home() / ".cache" / "jaxinfer" / "xla"))
+    d.mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(d))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    return d
 
 
 def _pow2_spans(min_span: int, max_len: int) -> tuple[int, ...]:
@@ -345,24 +359,30 @@ class Engine:
         variants |= {(self.prefill_chunk, s) for s in self.spans if s > self.prefill_chunk}
         return sorted(variants)
 
-    def compile(self, progress: bool = True) -> dict[str, float]:
-        """Compile every prefill variant and every decode span ahead of time."""
+    def variants(self) -> list[tuple[str, int, int]]:
+        """Every executable serving can need: ("prefill", bucket, span) and
+        ("decode", rows, span)."""
         todo = [("prefill", t, s) for t, s in self.prefill_variants()]
-        todo += [("decode", r, s) for r in self.decode_rows for s in self.spans]
+        return todo + [("decode", r, s) for r in self.decode_rows for s in self.spans]
+
+    def _compile_variant(self, key: tuple[str, int, int]):
+        kind, n, span = key
+        t0 = time.perf_counter()
+        if kind == "prefill":
+            exe = self._prefill_jit[span].lower(self.params, self.state, *self._args_prefill(1, n)).compile()
+        else:
+            exe = self._decode_jit[(n, span)].lower(self.params, self.state, np.zeros(n, np.bool_)).compile()
+        self._compiled[key] = exe
+        label = f"{kind} {'T' if kind == 'prefill' else 'rows'}={n} span={span}"
+        self.compile_seconds[label] = time.perf_counter() - t0
+        return exe, label
+
+    def compile(self, progress: bool = True) -> dict[str, float]:
+        """Compile every prefill variant and every decode variant ahead of time."""
+        todo = [k for k in self.variants() if k not in self._compiled]
         t_all = time.perf_counter()
-        for i, (kind, T, span) in enumerate(todo, 1):
-            t0 = time.perf_counter()
-            if kind == "prefill":
-                args = self._args_prefill(1, T)
-                exe = self._prefill_jit[span].lower(self.params, self.state, *args).compile()
-                self._compiled[("prefill", T, span)] = exe
-                label = f"prefill T={T} span={span}"
-            else:
-                mask = np.zeros(T, np.bool_)
-                exe = self._decode_jit[(T, span)].lower(self.params, self.state, mask).compile()
-                self._compiled[("decode", T, span)] = exe
-                label = f"decode rows={T} span={span}"
-            self.compile_seconds[label] = time.perf_counter() - t0
+        for i, key in enumerate(todo, 1):
+            _, label = self._compile_variant(key)
             if progress:
                 log.info("compiled %d/%d %s in %.1fs", i, len(todo), label, self.compile_seconds[label])
         self.compile_seconds["total"] = time.perf_counter() - t_all
@@ -371,7 +391,10 @@ class Engine:
     def _exe(self, key: tuple):
         exe = self._compiled.get(key)
         if exe is None:
-            raise RuntimeError(f"engine variant {key} was not compiled; call Engine.compile() before serving")
+            if not self.config.lazy_compile:
+                raise RuntimeError(f"engine variant {key} was not compiled; call Engine.compile() before serving")
+            exe, label = self._compile_variant(key)
+            log.debug("compiled %s on first use in %.1fs", label, self.compile_seconds[label])
         return exe
 
     # --- the protocol the scheduler uses ----------------------------------
@@ -552,4 +575,4 @@ def param_bytes(engine: Engine) -> int:
     return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(engine.params))
 
 
-__all__ = ["Engine", "EngineConfig", "DecodeState", "param_bytes"]
+__all__ = ["Engine", "EngineConfig", "DecodeState", "enable_compilation_cache", "param_bytes"]
