@@ -44,7 +44,7 @@ class Metrics:
         self.kv_cache_usage = Gauge(
             "jaxinfer_kv_cache_usage_ratio", "Cache positions in use / (slots * max_len).", registry=r
         )
-        self.prompt_tokens = Counter("jaxinfer_prompt_tokens", "Prompt tokens prefilled.", registry=r)
+        self.prompt_tokens = Counter("jaxinfer_prompt_tokens", "Prompt tokens of requests admitted into a slot.", registry=r)
         self.generation_tokens = Counter("jaxinfer_generation_tokens", "Tokens generated.", registry=r)
         self.requests_started = Counter(
             "jaxinfer_requests_started", "Generate requests accepted into the queue.", registry=r

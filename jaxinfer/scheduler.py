@@ -347,7 +347,7 @@ class Scheduler:
             )
         if n == 0:
             raise InvalidRequestError("prompt", "prompt is empty: it must have at least one token")
-        self._check_ids("prompt_token_ids", req.prompt_ids)
+        self.check_token_ids("prompt_token_ids", req.prompt_ids)
         if req.max_tokens < 1:
             raise InvalidRequestError("max_tokens", f"max_tokens={req.max_tokens} must be >= 1")
         if not 0 <= req.min_tokens <= req.max_tokens:
@@ -381,9 +381,10 @@ class Scheduler:
             raise InvalidRequestError(
                 "stop_token_ids", f"{len(req.stop_token_ids)} stop token ids (limit {lim.max_stop_token_ids})"
             )
-        self._check_ids("stop_token_ids", req.stop_token_ids)
+        self.check_token_ids("stop_token_ids", req.stop_token_ids)
 
-    def _check_ids(self, name: str, ids: Sequence[int]) -> None:
+    def check_token_ids(self, name: str, ids: Sequence[int]) -> None:
+        """InvalidRequestError naming the first id outside [0, vocab_size)."""
         for i, t in enumerate(ids):
             if not 0 <= t < self.vocab_size:
                 raise InvalidRequestError(name, f"{name}[{i}]={t} is out of range [0, vocab_size={self.vocab_size})")
@@ -415,8 +416,8 @@ class Scheduler:
             raise InvalidRequestError("context", "context is empty (and the tokenizer adds no BOS)")
         if not continuation:
             raise InvalidRequestError("continuation", "continuation is empty")
-        self._check_ids("context", context)
-        self._check_ids("continuation", continuation)
+        self.check_token_ids("context", context)
+        self.check_token_ids("continuation", continuation)
         if len(context) + len(continuation) > self.max_len:
             raise InvalidRequestError(
                 "continuation",

@@ -340,7 +340,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
 
     @_unary
     def Detokenize(self, request: pb.DetokenizeRequest, context: grpc.ServicerContext) -> pb.DetokenizeResponse:
-        self._sched._check_ids("token_ids", request.token_ids)
+        self._sched.check_token_ids("token_ids", request.token_ids)
         return pb.DetokenizeResponse(text=self._tok.decode(list(request.token_ids)))
 
     @_unary

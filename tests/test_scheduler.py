@@ -55,7 +55,7 @@ class FakeTokenizer:
             ids.append(ord(c) - 32)
         return ([BOS] if (self.add_bos if add_bos is None else add_bos) else []) + ids
 
-    def decode(self, ids: Sequence[int]) -> str:
+    def decode(self, ids: Sequence[int], skip_special: bool = True) -> str:
         bad = [i for i in ids if i in self.poison]
         if bad:
             raise ValueError(f"cannot decode token {bad[0]}")
@@ -634,3 +634,61 @@ def test_soak_random_faults_leave_nothing_behind():
         assert by_reason[reason] == outcomes.get(reason, 0)
     assert eng.violations == []
     s.close()
+
+
+# -- the real engine ---------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_real_engine_streams_equal_direct_engine_calls():
+    """The scheduler over the real Engine (tiny random Llama): pipelined decode, chunked prompts
+    and slot reuse give the tokens of driving the engine by hand, one request at a time."""
+    import dataclasses
+
+    import jax.numpy as jnp
+
+    from jaxinfer.config import SMOLLM2_135M
+    from jaxinfer.engine.engine import Engine, EngineConfig
+    from jaxinfer.model.transformer import Transformer
+    from jaxinfer.model.weights import nest, random_weights
+
+    cfg = dataclasses.replace(
+        SMOLLM2_135M, name="llama-tiny", num_layers=2, hidden_size=72, intermediate_size=96, vocab_size=512,
+        head_dim=8, max_position_embeddings=512,
+    )
+    model = Transformer(cfg, params=nest({k: jnp.asarray(v) for k, v in random_weights(cfg, seed=0, scale=0.15).items()}))
+    eng = Engine(model, EngineConfig(slots=3, max_len=128, prefill_buckets=(16, 32), min_span=32))
+    eng.compile(progress=False)
+
+    class Tok:
+        vocab_size, eos_ids = 512, (2,)
+
+        def decode(self, ids, skip_special=True):
+            return "".join(chr(0x4E00 + i) for i in ids)
+
+    rng = random.Random(5)
+    reqs = [
+        Request(
+            tuple(rng.randrange(3, 512) for _ in range(rng.randrange(1, 70))), max_tokens=rng.randrange(1, 40),
+            sampling=SamplingParams(temperature=0.0 if i % 2 else 0.8, seed=i, logprobs=2), return_logprobs=True,
+            ignore_eos=True,
+        )
+        for i in range(10)
+    ]
+    s = Scheduler(eng, Tok(), metrics=Metrics(), detokenizer=FakeDetokenizer).start()
+    try:
+        streams = [s.submit(r) for r in reqs]
+        batched = [collect(st) for st in streams]
+        load = s.load()
+        assert (load.active_slots, load.live_requests) == (0, 0)
+    finally:
+        s.close()
+    for r, (_, out, _, last) in zip(reqs, batched):
+        first, chunk = None, eng.prefill_chunk
+        for off in range(0, len(r.prompt_ids), chunk):
+            first = eng.prefill(0, r.prompt_ids[off : off + chunk], r.sampling, start=off, last=off + chunk >= len(r.prompt_ids))
+        direct = [first.token]
+        while len(direct) < r.max_tokens:
+            direct.append(eng.decode([0]).result()[0].token)
+        eng.release(0)
+        assert out == direct and last.finish_reason == "length"

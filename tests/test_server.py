@@ -108,6 +108,16 @@ def test_generate_streams_tokens_text_logprobs_usage(served):
     served.idle()
 
 
+def test_default_detokenizer_is_the_real_incremental_one():
+    srv = build_server(FakeEngine(), FakeTokenizer(), MODEL).start()  # no detokenizer given
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{srv.port}") as ch:
+            resps = list(pb_grpc.InferenceStub(ch).Generate(pb.GenerateRequest(prompt="abc", max_tokens=5, stop=["gh"]), timeout=10))
+        assert "".join(r.text for r in resps) == "def" and resps[-1].finish_reason == "stop"
+    finally:
+        srv.stop()
+
+
 def test_stop_conditions_over_grpc(served):
     _, _, text = served.generate(prompt="c", max_tokens=10, stop=["fg"])
     assert text == "de"
