@@ -86,9 +86,13 @@ def run(args: argparse.Namespace) -> int:
     log.info("loaded %s from %s in %.1fs: %s", args.model, path, time.perf_counter() - t0, engine.describe())
     if engine.tokenizer is None:
         raise ValueError(f"checkpoint {path} carries no tokenizer")
-    compiled = engine.compile()
-    for label, seconds in compiled.items():
-        log.info("compiled %-28s %.2fs", label, seconds)
+    compiled = engine.compile(progress=True)  # logs each program as it compiles
+    programs = {k: v for k, v in compiled.items() if k != "total"}
+    slowest = max(programs, key=programs.get) if programs else "-"
+    log.info(
+        "compiled %d programs in %.1fs (slowest: %s, %.1fs); nothing compiles while serving",
+        len(programs), compiled.get("total", sum(programs.values())), slowest, programs.get(slowest, 0.0),
+    )
     model = ModelDescription(
         name=engine.name,
         architecture=engine.cfg.family,
