@@ -379,7 +379,8 @@ def from_gguf(reader: gguf.GGUFReader) -> Tokenizer:
         tokenizer = HFTokenizer(backend, **common)
     else:
         raise ValueError(
-            f"unsupported GGUF tokenizer model {kind!r} (supported: 'llama' = SentencePiece, 'gpt2' = byte-level BPE)"
+            f"unsupported GGUF tokenizer model {kind!r}"
+            " (supported: 'llama' = SentencePiece, 'gpt2' = byte-level BPE)"
         )
     eos = [eos_id, meta.get("tokenizer.ggml.eot_token_id"), meta.get("tokenizer.ggml.eom_token_id")]
     tokenizer.eos_ids = _eos_ids(tokenizer, [i for i in eos if i is not None])
@@ -501,7 +502,11 @@ def _byte_level_bpe(
     ]
     if control:
         backend.add_special_tokens(control)
-    user = [AddedToken(t, normalized=False, special=False) for t, k in zip(tokens, types) if k == _USER_DEFINED and t in vocab]
+    user = [
+        AddedToken(t, normalized=False, special=False)
+        for t, k in zip(tokens, types)
+        if k == _USER_DEFINED and t in vocab
+    ]
     if user:
         backend.add_tokens(user)
     return backend
@@ -509,7 +514,11 @@ def _byte_level_bpe(
 
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2's reversible spelling of bytes as printable characters."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("\N{INVERTED EXCLAMATION MARK}"), ord("\N{NOT SIGN}") + 1),
+        *range(ord("\N{REGISTERED SIGN}"), ord("\N{LATIN SMALL LETTER Y WITH DIAERESIS}") + 1),
+    ]
     spelling = {b: chr(b) for b in printable}
     extra = 0
     for b in range(256):
@@ -545,8 +554,10 @@ _GPT4O_SPLIT = (
 # any other name gets GPT-2's regex.
 _PRE_TOKENIZER_SPLITS = {
     **dict.fromkeys(
-        ["llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2",
-         "jina-v5-nano", "dbrx", "smaug-bpe"],
+        [
+            "llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral",
+            "midm-2.0", "lfm2", "jina-v5-nano", "dbrx", "smaug-bpe",
+        ],
         _LLAMA3_SPLIT,
     ),
     **dict.fromkeys(["qwen2", "deepseek-r1-qwen", "kormo", "f2llmv2", "megrez"], _QWEN2_SPLIT),
@@ -569,25 +580,25 @@ def from_hf_dir(path: str | Path) -> Tokenizer | None:
     ``config.json``; a chat template may also be in ``chat_template.jinja``.
     """
     path = Path(path)
-    config = _read_json(path / CONFIG_FILE)
+    backend: tokenizers.Tokenizer | None = None
+    proto: sp_pb2.ModelProto | None = None
+    default_ids: dict[str, int] = {}
     if (path / HF_TOKENIZER_FILE).is_file():
         backend = tokenizers.Tokenizer.from_file(str(path / HF_TOKENIZER_FILE))
-        make = lambda **kw: HFTokenizer(backend, **kw)  # noqa: E731
         lookup = backend.token_to_id
-        proto_ids: dict[str, int] = {}
     elif (path / SP_MODEL_FILE).is_file():
         proto = sp_pb2.ModelProto()
         proto.ParseFromString((path / SP_MODEL_FILE).read_bytes())
-        make = lambda **kw: SentencePieceTokenizer(proto, **kw)  # noqa: E731
-        pieces = {p.piece: i for i, p in enumerate(proto.pieces)}
-        lookup = pieces.get
+        lookup = {p.piece: i for i, p in enumerate(proto.pieces)}.get
         spec = proto.trainer_spec
-        proto_ids = {k: v for k, v in (("bos", spec.bos_id), ("eos", spec.eos_id), ("pad", spec.pad_id)) if v >= 0}
+        default_ids = {
+            name: i for name, i in (("bos", spec.bos_id), ("eos", spec.eos_id), ("pad", spec.pad_id)) if i >= 0
+        }
     else:
         return None
 
-    model_config = _read_json(path / "config.json")
-    generation = _read_json(path / "generation_config.json")
+    config = _read_json(path / CONFIG_FILE)
+    sources = (_read_json(path / "generation_config.json"), _read_json(path / "config.json"))
 
     def token_id(name: str) -> int | None:
         if config.get(f"{name}_token_id") is not None:
@@ -597,20 +608,18 @@ def from_hf_dir(path: str | Path) -> Tokenizer | None:
             token = token.get("content")
         if isinstance(token, str) and lookup(token) is not None:
             return lookup(token)
-        for source in (generation, model_config):
-            value = source.get(f"{name}_token_id")
-            if isinstance(value, int):
-                return value
-        return proto_ids.get(name)
+        for source in sources:
+            if isinstance(source.get(f"{name}_token_id"), int):
+                return source[f"{name}_token_id"]
+        return default_ids.get(name)
 
     bos_id = token_id("bos")
     if "eos_token_ids" in config:
         eos = [int(i) for i in config["eos_token_ids"]]
     else:
         eos = [i for i in [token_id("eos")] if i is not None]
-        for source in (generation, model_config):
+        for source in sources:
             eos.extend(_as_id_list(source.get("eos_token_id")))
-    special = [int(i) for i, t in (config.get("added_tokens_decoder") or {}).items() if t.get("special")]
 
     chat_template = config.get("chat_template")
     if isinstance(chat_template, list):  # [{"name": ..., "template": ...}]
@@ -620,23 +629,26 @@ def from_hf_dir(path: str | Path) -> Tokenizer | None:
         chat_template = (path / "chat_template.jinja").read_text()
 
     add_bos = config.get("add_bos_token")
-    tokenizer = make(
+    if add_bos is None and backend is not None:
+        # No flag: BOS is added if the tokenizer's own post-processor adds it.
+        add_bos = bos_id is not None and backend.encode("a", add_special_tokens=True).ids[:1] == [bos_id]
+    elif add_bos is None:
+        add_bos = bos_id is not None  # SentencePiece models add BOS unless told otherwise
+
+    kwargs = dict(
         bos_id=bos_id,
-        eos_ids=(),
-        add_bos=False,
+        eos_ids=eos,
+        add_bos=add_bos,
         chat_template=chat_template,
-        special_ids=special,
+        special_ids=[int(i) for i, t in config.get("added_tokens_decoder", {}).items() if t.get("special")],
         pad_id=token_id("pad"),
     )
-    if add_bos is None:
-        if isinstance(tokenizer, HFTokenizer):
-            # No flag: BOS is added if the tokenizer's own post-processor adds it.
-            first = tokenizer.backend.encode("a", add_special_tokens=True).ids[:1]
-            add_bos = bos_id is not None and first == [bos_id]
-        else:
-            add_bos = bos_id is not None  # SentencePiece models add BOS by default
-    tokenizer.add_bos = bool(add_bos)
-    tokenizer.eos_ids = _eos_ids(tokenizer, eos)
+    tokenizer: Tokenizer
+    if backend is not None:
+        tokenizer = HFTokenizer(backend, **kwargs)
+    else:
+        tokenizer = SentencePieceTokenizer(proto, **kwargs)
+    tokenizer.eos_ids = _eos_ids(tokenizer, tokenizer.eos_ids)
     return tokenizer
 
 
@@ -753,26 +765,23 @@ class IncrementalDetokenizer:
         self._prefix_text = ""  # decode(window[:_read])
 
     def add(self, ids: Sequence[int]) -> str:
+        """The text the new ids add (empty while a character is incomplete)."""
         self._window.extend(int(i) for i in ids)
+        return self._advance(final=False)
+
+    def flush(self) -> str:
+        """Whatever is still held back (an incomplete character decodes as U+FFFD)."""
+        return self._advance(final=True)
+
+    def _advance(self, final: bool) -> str:
         if len(self._window) == self._read:
             return ""
         text = self._tokenizer.decode(self._window, self._skip_special)
-        if text.endswith("\ufffd"):
+        if text.endswith("\ufffd") and not final:
             return ""
-        delta = text[len(self._prefix_text) :] if text.startswith(self._prefix_text) else text
-        # The new tokens become the next prefix.
+        delta = text[len(self._prefix_text) :]
+        # The tokens just emitted become the next prefix.
         del self._window[: self._read]
         self._read = len(self._window)
         self._prefix_text = self._tokenizer.decode(self._window, self._skip_special)
-        return delta
-
-    def flush(self) -> str:
-        """Whatever is still held back (a trailing incomplete character decodes as U+FFFD)."""
-        if len(self._window) == self._read:
-            return ""
-        text = self._tokenizer.decode(self._window, self._skip_special)
-        delta = text[len(self._prefix_text) :] if text.startswith(self._prefix_text) else text
-        self._window.clear()
-        self._read = 0
-        self._prefix_text = ""
         return delta
