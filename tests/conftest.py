@@ -59,3 +59,18 @@ def hf_model_from_gguf(ckpt_dir: Path):
         m = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype=torch.float32)
         _HF_MODELS[source] = m.eval()
     return _HF_MODELS[source]
+
+
+def hf_greedy(hf, prompt: list[int], n: int) -> list[int]:
+    """n greedy tokens from a transformers model, end-of-sequence tokens included
+    (generate()'s min_new_tokens would mask them instead)."""
+    import torch
+
+    with torch.no_grad():
+        out = hf(torch.tensor([prompt]), use_cache=True)
+        new: list[int] = []
+        for _ in range(n):
+            tok = int(out.logits[0, -1].argmax())
+            new.append(tok)
+            out = hf(torch.tensor([[tok]]), past_key_values=out.past_key_values, use_cache=True)
+    return new

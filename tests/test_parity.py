@@ -16,6 +16,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig, Qwen2Config, Qwen3Config
 
+from conftest import hf_greedy
 from jaxinfer.checkpoint import convert, load_checkpoint
 from jaxinfer.engine.engine import Engine, EngineConfig
 from jaxinfer.model.transformer import KVCache, Transformer, rms_norm
@@ -99,7 +100,4 @@ def test_engine_greedy_matches_generate(pair):
     prompts = [list(map(int, tokens(n, seed=n)[0])) for n in (5, 33)]
     res = eng.generate(prompts, max_tokens=16, ignore_eos=True)
     for p, r in zip(prompts, res):
-        with torch.no_grad():
-            g = hf.generate(torch.tensor([p]), max_new_tokens=16, do_sample=False, min_new_tokens=16,
-                            eos_token_id=None, pad_token_id=0)
-        assert r["token_ids"] == g[0, len(p):].tolist(), name
+        assert r["token_ids"] == hf_greedy(hf, p, 16), name
