@@ -4,11 +4,11 @@ Differences between the families are :class:`~jaxinfer.config.ModelConfig`
 fields (q/k norm, post norms, norm offset, activation, embedding scale, sliding
 window layers, rope bases), never copies of this code.
 
-The forward pass always goes through the KV cache: each layer writes the new
-tokens' keys and values at their positions in their slots, then attends over
-the first ``span`` positions of those slots. Prefill (many tokens, few slots),
-chunked prefill (a chunk at an offset) and decode (one token, every slot) are
-the same function with different shapes, so they cannot drift apart.
+The forward pass attends over the cached positions of each row (the first
+``span`` of them) plus the new tokens, then writes the new tokens' keys and
+values into the cache. Prefill (many tokens, few slots), chunked prefill (a
+chunk at an offset), decode (one token, a prefix of the slots) and scoring (no
+cache) are the same function with different shapes, so they cannot drift apart.
 Layers run under ``lax.scan`` over weights stacked on a leading ``layers`` axis,
 which keeps compile time flat in depth.
 """
@@ -174,40 +174,56 @@ class Transformer(nnx.Module):
         self,
         tokens: jax.Array,
         positions: jax.Array,
-        cache: KVCache,
+        cache: KVCache | None,
         slots: jax.Array | None,
         span: int,
         unroll: int | bool = 1,
-    ) -> tuple[jax.Array, KVCache]:
+    ) -> tuple[jax.Array, KVCache | None]:
         """Run the decoder over new tokens and return final-normed hidden states.
 
-        tokens, positions: [B, T] int32. A position >= cache.max_len marks padding:
-          its keys/values are not written.
+        tokens, positions: [B, T] int32; each row's positions are consecutive from
+          its first. Positions past the row's real tokens are padding: set them to
+          an out-of-range value (>= cache.max_len) so nothing is written for them.
+        cache: the KV cache, or None to attend only among the new tokens (scoring).
         slots: [B] int32 cache rows of the B sequences; None means the first B
           slots in order (decode over a prefix of the slots).
-        span: static; attention reads cache positions [0, span). Every real
-          position must be < span.
-        Returns hidden [B, T, D] and the updated cache.
+        span: static; attention reads cache positions [0, span) of each row and
+          uses those before the row's first new position. Must cover them.
+        Returns hidden [B, T, D] and the cache with the new keys/values written.
+
+        The cache is read inside the layer scan but written once after it, so the
+        (donated) cache is updated in place rather than copied per layer.
         """
         cfg = self.cfg
         B, T = tokens.shape
         x = self.embed_tokens(tokens)
-        slot_rows = jnp.arange(B, dtype=jnp.int32) if slots is None else slots
-        G, R = cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads
-        kinds = cfg.layer_kinds
-        is_local = jnp.array([k == "local" for k in kinds])
-        inv_global = jnp.asarray(rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling))
-        inv_local = jnp.asarray(rope_inv_freq(cfg.head_dim, cfg.local_theta, None))
+        G, R, Hd = cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, cfg.head_dim
+        is_local = jnp.array([k == "local" for k in cfg.layer_kinds])
+        inv_global = jnp.asarray(rope_inv_freq(Hd, cfg.rope_theta, cfg.rope_scaling))
+        inv_local = jnp.asarray(rope_inv_freq(Hd, cfg.local_theta, None))
         window = cfg.sliding_window or 0
-        kpos = jnp.arange(span, dtype=jnp.int32)
-        causal = kpos[None, None, :] <= positions[:, :, None]  # [B, T, span]
-        if window:
-            in_window = kpos[None, None, :] > positions[:, :, None] - window
+        use_cache = cache is not None and span > 0
+        kv_dtype = cache.k.dtype if cache is not None else x.dtype
+
+        # Masks shared by every layer. Old keys: cache positions before the row's
+        # first new token. New keys: causal among the new tokens.
+        tq = jnp.arange(T, dtype=jnp.int32)
+        new_mask = (tq[:, None] >= tq[None, :])[None]  # [1, T, T]
+        new_win = positions[:, :, None] - positions[:, None, :] < window if window else None
+        if use_cache:
+            kpos = jnp.arange(span, dtype=jnp.int32)[None, None, :]
+            old_mask = kpos < positions[:, :1, None]  # [B, 1, span]
+            old_win = kpos > positions[:, :, None] - window if window else None
+
+        def read_cache(c, idx):
+            if slots is None:
+                return lax.dynamic_slice(c, (idx, 0, 0, 0, 0), (1, B, span, G, Hd))[0]
+            return c[idx, slots, :span]  # a gather of just these rows
+
         eps, off = cfg.rms_norm_eps, cfg.norm_offset
         weights = {k: v[...] for k, v in vars(self.layers).items() if isinstance(v, nnx.Param)}
 
-        def layer(carry, xs):
-            x, ck, cv = carry
+        def layer(x, xs):
             p, idx, local = xs
             h = rms_norm(x, p["attn_norm"], eps, off)
             q = jnp.einsum("btd,dhk->bthk", h, p["wq"])
@@ -220,23 +236,27 @@ class Transformer(nnx.Module):
                 k = rms_norm(k, p["k_norm"], eps, off)
             inv = jnp.where(local, inv_local, inv_global)
             q = apply_rope(q, positions, inv)
-            k = apply_rope(k, positions, inv)
-            ck = ck.at[idx, slot_rows[:, None], positions].set(k.astype(ck.dtype), mode="drop")
-            cv = cv.at[idx, slot_rows[:, None], positions].set(v.astype(cv.dtype), mode="drop")
-            # Read only [0, span) of this layer: slicing after indexing would copy the whole layer.
-            rows = ck.shape[1] if slots is not None else B  # decode: the first B slots
-            keys = lax.dynamic_slice(ck, (idx, 0, 0, 0, 0), (1, rows, span, *ck.shape[3:]))[0]
-            vals = lax.dynamic_slice(cv, (idx, 0, 0, 0, 0), (1, rows, span, *cv.shape[3:]))[0]
-            if slots is not None:
-                keys, vals = keys[slots], vals[slots]  # [B, span, G, Hd]
-            mask = causal & (in_window | ~local) if window else causal
-            qg = q.reshape(B, T, G, R, cfg.head_dim)
-            scores = jnp.einsum("btgrk,bsgk->bgrts", qg, keys.astype(q.dtype), preferred_element_type=F32)
-            scores = scores * cfg.attn_scale
-            scores = jnp.where(mask[:, None, None], scores, -1e30)
-            probs = jax.nn.softmax(scores, axis=-1)
-            attn = jnp.einsum("bgrts,bsgk->btgrk", probs.astype(vals.dtype), vals, preferred_element_type=F32)
-            attn = attn.reshape(B, T, cfg.num_heads, cfg.head_dim).astype(x.dtype)
+            k = apply_rope(k, positions, inv).astype(kv_dtype)
+            v = v.astype(kv_dtype)
+            qg = q.reshape(B, T, G, R, Hd)
+
+            def scores_of(keys, mask):
+                s = jnp.einsum("btgrk,bsgk->bgrts", qg, keys.astype(q.dtype), preferred_element_type=F32)
+                return jnp.where(mask[:, None, None], s * cfg.attn_scale, -1e30)
+
+            m_new = new_mask & (new_win | ~local) if window else new_mask
+            parts = [scores_of(k, m_new)]
+            if use_cache:
+                keys, vals = read_cache(cache.k, idx), read_cache(cache.v, idx)  # [B, span, G, Hd]
+                m_old = old_mask & (old_win | ~local) if window else old_mask
+                parts.insert(0, scores_of(keys, m_old))
+            probs = jax.nn.softmax(jnp.concatenate(parts, axis=-1), axis=-1)
+            attn = jnp.einsum("bgrts,bsgk->btgrk", probs[..., -T:].astype(v.dtype), v, preferred_element_type=F32)
+            if use_cache:
+                attn += jnp.einsum(
+                    "bgrts,bsgk->btgrk", probs[..., :span].astype(vals.dtype), vals, preferred_element_type=F32
+                )
+            attn = attn.reshape(B, T, cfg.num_heads, Hd).astype(x.dtype)
             out = jnp.einsum("bthk,hkd->btd", attn, p["wo"])
             if cfg.post_norms:
                 out = rms_norm(out, p["post_attn_norm"], eps, off)
@@ -248,12 +268,19 @@ class Transformer(nnx.Module):
             out = jnp.einsum("btf,fd->btd", act * up, p["w_down"])
             if cfg.post_norms:
                 out = rms_norm(out, p["post_mlp_norm"], eps, off)
-            return (x + out, ck, cv), None
+            return x + out, (k, v)
 
         idxs = jnp.arange(cfg.num_layers, dtype=jnp.int32)
-        (x, ck, cv), _ = lax.scan(layer, (x, cache.k, cache.v), (weights, idxs, is_local), unroll=unroll)
+        x, (ks, vs) = lax.scan(layer, x, (weights, idxs, is_local), unroll=unroll)  # ks: [L, B, T, G, Hd]
         x = rms_norm(x, self.final_norm[...], eps, off)
-        return x, KVCache(ck, cv)
+        if cache is None:
+            return x, None
+        rows = (jnp.arange(B, dtype=jnp.int32) if slots is None else slots)[:, None]
+        cache = KVCache(
+            cache.k.at[:, rows, positions].set(ks, mode="drop"),
+            cache.v.at[:, rows, positions].set(vs, mode="drop"),
+        )
+        return x, cache
 
 
 def params_tree(model: Transformer) -> dict:

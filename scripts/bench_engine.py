@@ -1,0 +1,336 @@
+#!/usr/bin/env python3
+"""Engine benchmark: jaxinfer against Hugging Face transformers, side by side.
+
+In one run on one machine, with the same weights:
+  * prefill time for prompts of 128 / 512 / 2048 tokens;
+  * decode tokens/s at batch 1, 8 and 32, at context 128 and 1024;
+  * the memory-bandwidth roofline of a decode step: the machine's read bandwidth
+    (measured in the same run) / bytes read per step (weights + KV cache read).
+Prints a table with the ratios and writes JSON (and a PNG with --plot).
+
+    python scripts/bench_engine.py                       # SmolLM2-135M float32 vs transformers
+    python scripts/bench_engine.py --quick               # small sizes, a smoke run
+    python scripts/bench_engine.py --preset llama3-8b-shape --dtype bfloat16 --no-hf \\
+        --batches 1,64,256 --contexts 1024 --prefill 2048   # GPU: random weights, no transformers
+
+Absolute times on a shared CPU are noisy; ratios measured in the same run hold.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+
+@dataclass
+class Result:
+    machine: dict
+    model: str
+    dtype: str
+    bandwidth_gbs: float
+    param_bytes: int
+    prefill: list[dict] = field(default_factory=list)
+    decode: list[dict] = field(default_factory=list)
+    targets: dict = field(default_factory=dict)
+
+
+def measure_bandwidth(seconds: float = 2.0) -> float:
+    """Read bandwidth in bytes/s: a jitted reduction over an array far larger than cache."""
+    import jax
+    import jax.numpy as jnp
+
+    n = 512 * 2**20 // 4 if jax.default_backend() == "cpu" else 4 * 2**30 // 4
+    x = jnp.ones((n,), jnp.float32)
+    f = jax.jit(lambda a: jnp.sum(a))
+    f(x).block_until_ready()
+    best, t_end = float("inf"), time.perf_counter() + seconds
+    while time.perf_counter() < t_end:
+        t0 = time.perf_counter()
+        f(x).block_until_ready()
+        best = min(best, time.perf_counter() - t0)
+    return x.nbytes / best
+
+
+def timeit(fn, repeat: int, warmup: int = 1) -> float:
+    """Median seconds of fn() over repeat runs."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+# --- jaxinfer ---------------------------------------------------------------------------------
+
+
+def build_engine(args, slots: int, max_len: int, ckpt):
+    from jaxinfer.engine.engine import Engine, EngineConfig
+    from jaxinfer.model.transformer import Transformer
+
+    buckets = tuple(b for b in (128, 512, 2048) if b < max_len)
+    cfg = EngineConfig(slots=slots, max_len=max_len, prefill_buckets=buckets or (max_len // 2,),
+                       decode_rows=tuple(int(b) for b in args.batches.split(",")), lazy_compile=True,
+                       unroll=args.unroll)
+    return Engine(Transformer(ckpt.config, params=ckpt.params), cfg, mesh=args.mesh_obj)
+
+
+def jax_prefill(engine, n: int, repeat: int) -> float:
+    from jaxinfer.engine.types import SamplingParams
+
+    prompt = list(np.random.default_rng(n).integers(10, 1000, n))
+    return timeit(lambda: engine.prefill(0, prompt, SamplingParams()), repeat)
+
+
+def jax_decode(engine, batch: int, ctx: int, steps: int) -> float:
+    """Seconds per decode step with `batch` slots at context `ctx`."""
+    from jaxinfer.engine.types import SamplingParams
+
+    for s in range(batch):
+        engine.prefill(s, list(np.random.default_rng(s).integers(10, 1000, ctx)), SamplingParams())
+    active = list(range(batch))
+    engine.decode(active).result()  # compile / warm
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            h = engine.decode(active)
+        h.result()
+        times.append((time.perf_counter() - t0) / steps)
+    for s in active:
+        engine.release(s)
+    return float(np.median(times))
+
+
+# --- transformers -------------------------------------------------------------------------------
+
+
+def hf_prefill(hf, n: int, repeat: int) -> float:
+    import torch
+
+    ids = torch.tensor([list(np.random.default_rng(n).integers(10, 1000, n))])
+
+    def run():
+        with torch.no_grad():
+            hf(ids, use_cache=True, logits_to_keep=1)
+
+    return timeit(run, repeat)
+
+
+def hf_decode(hf, batch: int, ctx: int, steps: int) -> float:
+    import torch
+
+    ids = torch.tensor(np.random.default_rng(0).integers(10, 1000, (batch, ctx)))
+    with torch.no_grad():
+        out = hf(ids, use_cache=True, logits_to_keep=1)
+        tok = out.logits[:, -1].argmax(-1, keepdim=True)
+        past = out.past_key_values
+        out = hf(tok, past_key_values=past, use_cache=True)  # warm
+        times = []
+        for _ in range(2):
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                tok = out.logits[:, -1].argmax(-1, keepdim=True)
+                out = hf(tok, past_key_values=out.past_key_values, use_cache=True)
+            times.append((time.perf_counter() - t0) / steps)
+    return float(np.median(times))
+
+
+def load_hf(ckpt_dir: Path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    source = Path(json.loads((ckpt_dir / "jaxinfer.json").read_text())["source"])
+    if source.is_dir():
+        return AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
+    return AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype=torch.float32).eval()
+
+
+# --- main ---------------------------------------------------------------------------------------
+
+
+def random_checkpoint(preset: str, dtype: str, mesh):
+    """Random weights of a preset shape, made directly on the devices of `mesh`."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxinfer.checkpoint import LoadedCheckpoint
+    from jaxinfer.config import PRESETS
+    from jaxinfer.model.weights import nest, weight_specs
+    from jaxinfer.sharding import weight_shardings
+
+    cfg = PRESETS[preset]
+    sh = weight_shardings(cfg, mesh)
+    flat = {}
+    for i, (name, spec) in enumerate(weight_specs(cfg).items()):
+        make = jax.jit(
+            lambda k, shape=spec.shape: (jax.random.normal(k, shape, jnp.float32) * 0.02).astype(dtype),
+            out_shardings=sh[name],
+        )
+        flat[name] = make(jax.random.key(i))
+    return LoadedCheckpoint(config=cfg, params=nest(flat), tokenizer=None, path=Path(preset), dtype=dtype)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m-instruct", help="checkpoint, GGUF, HF dir or built-in name")
+    p.add_argument("--preset", default=None, help="random weights of a preset shape instead of --model "
+                   "(smollm2-135m, gemma3-270m, llama3-8b-shape)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--mesh", default=None, help="device mesh, e.g. model=8")
+    p.add_argument("--prefill", default="128,512,2048", help="prompt lengths to time")
+    p.add_argument("--batches", default="1,8,32", help="decode batch sizes")
+    p.add_argument("--contexts", default="128,1024", help="decode context lengths")
+    p.add_argument("--steps", type=int, default=8, help="decode steps per timing")
+    p.add_argument("--repeat", type=int, default=3, help="timings per prefill size (median)")
+    p.add_argument("--unroll", type=int, default=1, help="lax.scan unroll over layers")
+    p.add_argument("--no-hf", action="store_true", help="skip transformers (e.g. on a GPU, or with --preset)")
+    p.add_argument("--quick", action="store_true", help="smoke run: small sizes, few steps")
+    p.add_argument("--json", default="bench_engine.json", help="write results here")
+    p.add_argument("--plot", default=None, help="write a PNG of decode tokens/s against batch size")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.prefill, args.batches, args.contexts, args.steps, args.repeat = "32,64", "1,4", "32", 2, 1
+
+    import jax
+    from tqdm import tqdm
+
+    from jaxinfer.checkpoint import load_checkpoint, resolve_model
+    from jaxinfer.engine.engine import enable_compilation_cache
+    from jaxinfer.model.transformer import KVCache
+    from jaxinfer.sharding import make_mesh
+
+    enable_compilation_cache()
+    args.mesh_obj = make_mesh(args.mesh)
+    prefills = [int(x) for x in args.prefill.split(",")]
+    batches = [int(x) for x in args.batches.split(",")]
+    contexts = [int(x) for x in args.contexts.split(",")]
+
+    if args.preset:
+        ckpt, args.no_hf = random_checkpoint(args.preset, args.dtype, args.mesh_obj), True
+    else:
+        ckpt = load_checkpoint(resolve_model(args.model, dtype=args.dtype), mesh=args.mesh_obj)
+    cfg = ckpt.config
+    hf = None
+    if not args.no_hf:
+        import torch
+
+        torch.set_num_threads(os.cpu_count() or 1)
+        hf = load_hf(ckpt.path)
+
+    bw = measure_bandwidth()
+    param_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(ckpt.params))
+    res = Result(
+        machine={"platform": platform.platform(), "cpus": os.cpu_count(), "backend": jax.default_backend(),
+                 "devices": [str(d) for d in jax.devices()][:8], "jax": jax.__version__},
+        model=cfg.name, dtype=args.dtype, bandwidth_gbs=bw / 1e9, param_bytes=param_bytes,
+    )
+    work = [("prefill", n, 0) for n in prefills] + [("decode", b, c) for c in contexts for b in batches]
+    bar = tqdm(work, desc="benchmark", unit="case", file=sys.stderr)
+    engines = {}
+    for kind, a, b in bar:
+        bar.set_postfix_str(f"{kind} {a} {b}")
+        if kind == "prefill":
+            max_len = 1 << (a).bit_length()  # room for the prompt + one token
+            eng = engines.get(("p", max_len)) or build_engine(args, 1, max_len, ckpt)
+            engines[("p", max_len)] = eng
+            t = jax_prefill(eng, a, args.repeat)
+            row = {"tokens": a, "jaxinfer_s": t, "jaxinfer_tok_s": a / t}
+            if hf is not None:
+                th = hf_prefill(hf, a, args.repeat)
+                row.update(transformers_s=th, speedup=th / t)
+            flops = 2 * a * param_bytes / np.dtype(args.dtype).itemsize
+            row["tflops"] = flops / t / 1e12
+            res.prefill.append(row)
+        else:
+            batch, ctx = a, b
+            max_len = max(2 * max(contexts), 256)
+            key = ("d", max(batches), max_len)
+            if key not in engines:
+                engines.pop(next((k for k in engines if k[0] == "d"), None), None)
+                engines[key] = build_engine(args, max(batches), max_len, ckpt)
+            eng = engines[key]
+            t = jax_decode(eng, batch, ctx, args.steps)
+            kv_read = batch * (ctx + 1) * KVCache.bytes_per_token(cfg, eng.state.cache.k.dtype)
+            step_bytes = param_bytes + kv_read
+            roof_step = step_bytes / bw
+            row = {"batch": batch, "context": ctx, "step_ms": t * 1e3, "tok_s": batch / t,
+                   "roofline_tok_s": batch / roof_step, "roofline_frac": roof_step / t,
+                   "bytes_per_step": step_bytes}
+            if hf is not None:
+                th = hf_decode(hf, batch, ctx, args.steps)
+                row.update(transformers_tok_s=batch / th, speedup=th / t)
+            res.decode.append(row)
+
+    # targets from the engine issue (CPU, SmolLM2 float32)
+    d1 = {r["context"]: r for r in res.decode if r["batch"] == 1}
+    dmax = {r["context"]: r for r in res.decode if r["batch"] == max(batches)}
+    c0 = min(contexts)
+    if c0 in d1:
+        res.targets["batch1_vs_transformers"] = d1[c0].get("speedup")
+        res.targets["batch1_roofline_frac"] = d1[c0]["roofline_frac"]
+    if c0 in d1 and c0 in dmax:
+        res.targets[f"batch{max(batches)}_over_batch1"] = dmax[c0]["tok_s"] / d1[c0]["tok_s"]
+    if res.prefill and hf is not None:
+        res.targets["prefill_min_speedup"] = min(r["speedup"] for r in res.prefill)
+
+    print_table(res, hf is not None)
+    Path(args.json).write_text(json.dumps(asdict(res), indent=2))
+    print(f"wrote {args.json}")
+    if args.plot:
+        plot(res, args.plot)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def print_table(res: Result, with_hf: bool) -> None:
+    print(f"\n{res.model} {res.dtype} on {res.machine['backend']} ({res.machine['cpus']} cpus); "
+          f"read bandwidth {res.bandwidth_gbs:.1f} GB/s; weights {res.param_bytes / 2**20:.0f} MiB")
+    print("\nprefill   tokens  jaxinfer ms  transformers ms  speedup  TFLOP/s")
+    for r in res.prefill:
+        hf = f"{r['transformers_s'] * 1e3:15.1f}  {r['speedup']:6.2f}x" if with_hf else f"{'-':>15}  {'-':>7}"
+        print(f"{'':9} {r['tokens']:6d}  {r['jaxinfer_s'] * 1e3:11.1f}  {hf}  {r['tflops']:7.3f}")
+    print("\ndecode  batch  context  step ms   tok/s  roofline tok/s  of roofline  transformers tok/s  speedup")
+    for r in res.decode:
+        hf = f"{r['transformers_tok_s']:18.1f}  {r['speedup']:6.2f}x" if with_hf else f"{'-':>18}  {'-':>7}"
+        print(f"{'':7} {r['batch']:5d}  {r['context']:7d}  {r['step_ms']:7.1f}  {r['tok_s']:6.1f}  "
+              f"{r['roofline_tok_s']:14.1f}  {r['roofline_frac'] * 100:10.0f}%  {hf}")
+    print("\ntargets:", json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in res.targets.items()}))
+
+
+def plot(res: Result, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for ctx in sorted({r["context"] for r in res.decode}):
+        rows = [r for r in res.decode if r["context"] == ctx]
+        ax.plot([r["batch"] for r in rows], [r["tok_s"] for r in rows], "o-", label=f"jaxinfer ctx {ctx}")
+        if "transformers_tok_s" in rows[0]:
+            ax.plot([r["batch"] for r in rows], [r["transformers_tok_s"] for r in rows], "s--",
+                    label=f"transformers ctx {ctx}")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("batch (concurrent sequences)")
+    ax.set_ylabel("decode tokens/s")
+    ax.set_title(f"{res.model} {res.dtype} decode throughput")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
