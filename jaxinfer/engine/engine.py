@@ -39,6 +39,8 @@ from jaxinfer.model.transformer import KVCache, Transformer
 
 log = logging.getLogger(__name__)
 F32 = jnp.float32
+# Largest [rows, positions, vocab] logits chunk one packed score call may hold (256 MiB in float32).
+_SCORE_LOGITS_ELEMS = 1 << 26
 
 
 @dataclass(frozen=True)
@@ -322,10 +324,8 @@ class Engine:
         def score(params, tokens, targets, n):
             model = nnx.merge(graphdef, params)
             P, T = tokens.shape
-            cache = KVCache(*(jnp.zeros(KVCache.shape(cfg, P, T), self.dtype) for _ in range(2)))
-            idx = jnp.arange(T, dtype=jnp.int32)[None, :]
-            positions = jnp.where(idx < n[:, None], idx, T)
-            hidden, _ = model(tokens, positions, cache, None, T, unroll)
+            positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (P, T))
+            hidden, _ = model(tokens, positions, None, None, 0, unroll)  # padding sits after each row: harmless
             C = min(ecfg.score_chunk, T)
             hc = hidden.reshape(P, T // C, C, -1).swapaxes(0, 1)
             tc = targets.reshape(P, T // C, C).swapaxes(0, 1)
@@ -461,27 +461,51 @@ class Engine:
 
     def score_batch(self, pairs: Sequence[tuple[Sequence[int], Sequence[int]]]) -> list[ScoreOutput]:
         """log p(continuation | context) for each pair; only the needed
-        log-probabilities are gathered, chunk by chunk."""
-        results: list[ScoreOutput] = []
+        log-probabilities are gathered, chunk by chunk.
+
+        Pairs that pad to the same length bucket are packed into one call of up
+        to ``num_slots`` rows (rows are independent: each is masked to its own
+        length), so many short sequences score at batched speed. Row counts are
+        powers of two, and a call's full-vocabulary logits chunk stays under
+        ``_SCORE_LOGITS_ELEMS`` floats."""
+        seqs: list[list[int]] = []
         for context, continuation in pairs:
-            seq = list(context) + list(continuation)
             if not context or not continuation:
                 raise ValueError("score needs a non-empty context and a non-empty continuation")
+            seq = list(context) + list(continuation)
             if len(seq) > self.max_len:
                 raise ValueError(f"context + continuation = {len(seq)} tokens exceeds max_len={self.max_len}")
-            T = _round_up(len(seq) - 1, self._score_buckets())
-            tokens = np.zeros((1, T), np.int32)
-            targets = np.zeros((1, T), np.int32)
-            tokens[0, : len(seq) - 1] = seq[:-1]
-            targets[0, : len(seq) - 1] = seq[1:]
-            lp, greedy = self._score_fn(self.params, tokens, targets, np.array([len(seq) - 1], np.int32))
-            lp, greedy = np.asarray(lp)[0], np.asarray(greedy)[0]
-            sl = slice(len(context) - 1, len(seq) - 1)
-            token_lps = tuple(float(x) for x in lp[sl])
+            seqs.append(seq)
+        by_bucket: dict[int, list[int]] = {}
+        for i, seq in enumerate(seqs):
+            by_bucket.setdefault(_round_up(len(seq) - 1, self._score_buckets()), []).append(i)
+        rows_lp: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        for T, idx in by_bucket.items():
+            C = min(self.config.score_chunk, T)
+            most = max(1, min(self.num_slots, _SCORE_LOGITS_ELEMS // (C * self.cfg.vocab_size)))
+            for off in range(0, len(idx), most):
+                group = idx[off : off + most]
+                P = min(1 << (len(group) - 1).bit_length(), most)
+                tokens = np.zeros((P, T), np.int32)
+                targets = np.zeros((P, T), np.int32)
+                n = np.ones((P,), np.int32)  # padding rows score one dummy position
+                for r, i in enumerate(group):
+                    seq = seqs[i]
+                    tokens[r, : len(seq) - 1] = seq[:-1]
+                    targets[r, : len(seq) - 1] = seq[1:]
+                    n[r] = len(seq) - 1
+                lp, greedy = self._score_fn(self.params, tokens, targets, n)
+                lp, greedy = np.asarray(lp), np.asarray(greedy)
+                for r, i in enumerate(group):
+                    rows_lp[i] = (lp[r], greedy[r])
+        results: list[ScoreOutput] = []
+        for i, (context, continuation) in enumerate(pairs):
+            lp, greedy = rows_lp[i]
+            sl = slice(len(context) - 1, len(seqs[i]) - 1)
             results.append(
                 ScoreOutput(
                     logprob=float(np.sum(lp[sl], dtype=np.float64)),
-                    token_logprobs=token_lps,
+                    token_logprobs=tuple(float(x) for x in lp[sl]),
                     is_greedy=bool(greedy[sl].all()),
                     context_ids=tuple(context),
                     continuation_ids=tuple(continuation),
