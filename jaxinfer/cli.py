@@ -11,7 +11,7 @@ import importlib
 import logging
 import sys
 
-COMMANDS = ["convert", "generate", "score", "serve", "client"]
+COMMANDS = ["convert", "generate", "score", "serve", "client", "eval", "bench"]
 
 
 def build_parser() -> argparse.ArgumentParser:
