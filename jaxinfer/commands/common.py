@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
+import re
 
 log = logging.getLogger("jaxinfer")
 
@@ -26,6 +28,9 @@ def add_model_args(p: argparse.ArgumentParser, *, slots: int = 8, max_len: int =
     g.add_argument("--slots", type=int, default=slots, help=f"KV cache slots = concurrent sequences (default {slots})")
     g.add_argument("--max-len", type=int, default=max_len,
                    help=f"longest sequence (prompt + output) per slot (default {max_len})")
+    g.add_argument("--kv-cache-memory", default=None, metavar="SIZE",
+                   help="size the KV cache from a memory budget instead of --slots, e.g. 2GiB or 512MiB "
+                   "(slots = budget / (bytes per token x --max-len))")
     g.add_argument("--prefill-buckets", default=None, metavar="N,N,...",
                    help="prompt-length buckets to compile; the largest is the chunk size for longer prompts "
                    "(default 32,128,512)")
@@ -38,10 +43,22 @@ def build_engine(args: argparse.Namespace, *, lazy_compile: bool):
 
     enable_compilation_cache()
     path = resolve_model(args.model, dtype=args.dtype or "float32")
-    cfg = EngineConfig(slots=args.slots, max_len=args.max_len, lazy_compile=lazy_compile)
+    cfg = EngineConfig(slots=args.slots, max_len=args.max_len, lazy_compile=lazy_compile,
+                       memory_budget_bytes=parse_size(args.kv_cache_memory) if args.kv_cache_memory else None)
     if args.prefill_buckets:
-        cfg = EngineConfig(**{**cfg.__dict__, "prefill_buckets": tuple(int(x) for x in args.prefill_buckets.split(","))})
+        cfg = dataclasses.replace(cfg, prefill_buckets=tuple(int(x) for x in args.prefill_buckets.split(",")))
     engine = Engine.from_checkpoint(path, mesh=args.mesh, dtype=args.dtype, config=cfg)
     engine.checkpoint_path = path
     log.info("%s", engine.describe())
     return engine
+
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def parse_size(text: str) -> int:
+    """'2GiB' -> 2147483648; plain numbers are bytes."""
+    m = re.fullmatch(r"\s*([0-9.]+)\s*([A-Za-z]*)\s*", text)
+    if not m or m.group(2).upper() not in _UNITS:
+        raise ValueError(f"bad size {text!r}: expected e.g. 2GiB, 512MiB, 1GB or a number of bytes")
+    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])

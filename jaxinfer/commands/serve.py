@@ -13,10 +13,9 @@ import threading
 import time
 from pathlib import Path
 
+from jaxinfer.commands.common import add_model_args, build_engine
+
 log = logging.getLogger("jaxinfer.serve")
-
-DEFAULT_MODEL = "smollm2-135m-instruct"
-
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -28,15 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "finish within --grace-period, exit 0.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    m = p.add_argument_group("model")
-    m.add_argument(
-        "--model", default=DEFAULT_MODEL,
-        help="converted checkpoint directory, .gguf file, Hugging Face directory, or a built-in name",
-    )
-    m.add_argument("--dtype", default="float32", help="weight dtype (float32, bfloat16, float16)")
-    m.add_argument("--mesh", default="", help='device mesh, e.g. "data=2,model=4" (empty: one device)')
-    m.add_argument("--slots", type=int, default=8, help="KV-cache slots = requests decoded together")
-    m.add_argument("--max-len", type=int, default=2048, help="tokens per slot: prompt + max_tokens limit")
+    add_model_args(p)
     n = p.add_argument_group("network")
     n.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 or [::] for remote clients)")
     n.add_argument("--port", type=int, default=50051, help="gRPC port (0: any free port)")
@@ -77,15 +68,12 @@ def run(args: argparse.Namespace) -> int:
     )
 
     from jaxinfer import sharding
-    from jaxinfer.checkpoint import resolve_model
-    from jaxinfer.engine.engine import Engine
 
     t0 = time.perf_counter()
-    path = resolve_model(args.model, dtype=args.dtype)
-    engine = Engine.from_checkpoint(path, mesh=args.mesh or None, slots=args.slots, max_len=args.max_len, dtype=args.dtype)
-    log.info("loaded %s from %s in %.1fs: %s", args.model, path, time.perf_counter() - t0, engine.describe())
+    engine = build_engine(args, lazy_compile=False)
+    log.info("loaded %s in %.1fs", args.model, time.perf_counter() - t0)
     if engine.tokenizer is None:
-        raise ValueError(f"checkpoint {path} carries no tokenizer")
+        raise ValueError(f"checkpoint {engine.checkpoint_path} carries no tokenizer")
     compiled = engine.compile(progress=True)  # logs each program as it compiles
     programs = {k: v for k, v in compiled.items() if k != "total"}
     slowest = max(programs, key=programs.get) if programs else "-"
