@@ -106,9 +106,12 @@ def open_backend(args: argparse.Namespace):
             token = read_token_file(args.auth_token_file)
         ca = Path(args.tls_ca).read_bytes() if args.tls_ca else None
         return ServerBackend(args.server, auth_token=token, tls_ca=ca, tls=args.tls, concurrency=args.concurrency)
+    from jaxinfer.commands.common import parse_size
+
     buckets = tuple(int(x) for x in args.prefill_buckets.split(",")) if args.prefill_buckets else None
+    budget = getattr(args, "kv_cache_memory", None)
     settings = EngineSettings(slots=args.slots, max_len=args.max_len, prefill_buckets=buckets, dtype=args.dtype,
-                              mesh=args.mesh)
+                              mesh=args.mesh, memory_budget_bytes=parse_size(budget) if budget else None)
     engine, path, step = open_engine(args.model, settings, model_config=args.model_config, step=args.step,
                                      tokenizer=args.tokenizer)
     log.info("%s", engine.describe())

@@ -178,6 +178,7 @@ class EngineSettings:
     prefill_buckets: tuple[int, ...] | None = None
     dtype: str | None = None
     mesh: str | None = None
+    memory_budget_bytes: int | None = None  # sizes the KV cache (slots) from a budget instead
 
 
 def open_engine(model: str, settings: EngineSettings, *, model_config: str | None = None, step: int | None = None,
@@ -190,7 +191,8 @@ def open_engine(model: str, settings: EngineSettings, *, model_config: str | Non
     from jaxinfer.engine.engine import Engine, EngineConfig, enable_compilation_cache
 
     enable_compilation_cache()
-    cfg = EngineConfig(slots=settings.slots, max_len=settings.max_len, lazy_compile=True)
+    cfg = EngineConfig(slots=settings.slots, max_len=settings.max_len, lazy_compile=True,
+                       memory_budget_bytes=settings.memory_budget_bytes)
     if settings.prefill_buckets:
         cfg = dataclasses.replace(cfg, prefill_buckets=tuple(settings.prefill_buckets))
     if model_config is not None or (is_training_run(model) and Path(model).exists()):
