@@ -36,7 +36,6 @@ import jaxinfer
 from jaxinfer.engine.types import MAX_TOP_LOGPROBS, EngineProtocol, SamplingParams
 from jaxinfer.metrics import Metrics
 from jaxinfer.scheduler import (
-    DetokenizerLike,
     InvalidRequestError,
     NotAcceptingError,
     QueueFullError,

@@ -150,7 +150,7 @@ class FakeEngine:
             self._check(st is None, f"prefill: slot {slot} not released")
             st = self.state[slot] = {"length": 0, "last": None, "ready": False, "params": params}
         else:
-            self._check(st is not None and st["length"] == start and not st["ready"], f"prefill: chunk out of order")
+            self._check(st is not None and st["length"] == start and not st["ready"], "prefill: chunk out of order")
         self._check(start + len(tokens) <= self.max_len, "prefill: past max_len")
         if self.fail_prefill_token is not None and self.fail_prefill_token in tokens:
             raise RuntimeError("injected prefill failure")

@@ -4,8 +4,10 @@ the hand-computable fake engine of test_scheduler (next token = last + 1)."""
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import random
+import resource
 import shutil
 import signal
 import subprocess
@@ -571,13 +573,38 @@ def test_sigterm_drains_then_exits_zero():
 # -- soak --------------------------------------------------------------------------------------------
 
 
-def test_soak_random_faults_over_grpc():
+def _max_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+@pytest.mark.parametrize("seed", [11])
+def test_soak_random_faults_over_grpc(seed):
     eng = FakeEngine(num_slots=4, max_len=96, prefill_chunk=5, step_delay=0.0005)
     s = Served(eng, FakeTokenizer(poison=[77]), max_queue_requests=24, max_queue_tokens=400)
-    rng = random.Random(11)
+    try:
+        rss = []
+        for round_ in range(3):  # the same load three times: memory must not keep growing
+            _soak_round(s, random.Random(seed + round_))
+            s.idle()  # zero active slots, empty queue, started == finished by reason
+            gc.collect()
+            rss.append(_max_rss_bytes())
+        assert rss[2] - rss[0] < 32 * 2**20, f"peak RSS grew {(rss[2] - rss[0]) / 2**20:.1f} MiB over two rounds"
+    finally:
+        s.close()
+
+
+def _soak_round(s: "Served", rng: random.Random) -> None:
     plans = [(rng.choice(["ok", "ok", "ok", "cancel", "deadline", "bad", "stop", "disconnect"]), rng.random())
              for _ in range(240)]
     outcomes: dict[int, str] = {}
+    base_started = s.metrics.value("jaxinfer_requests_started_total")
+    base_rejected = sum(
+        s.metrics.value("jaxinfer_requests_rejected_total", {"cause": c}) for c in ("invalid", "queue_full", "unavailable")
+    )
+    codes_seen = ("OK", "INVALID_ARGUMENT", "RESOURCE_EXHAUSTED", "CANCELLED", "DEADLINE_EXCEEDED", "INTERNAL")
+    base_codes = sum(s.metrics.value("jaxinfer_grpc_requests_total", {"method": "Generate", "code": c})
+                     for c in codes_seen)
+    base_finished = dict(s.metrics.finished_by_reason())
 
     def client(i, kind, r):
         local = random.Random(i)
@@ -610,37 +637,33 @@ def test_soak_random_faults_over_grpc():
             if kind == "disconnect":
                 ch.close()
 
-    try:
-        threads = []
-        for i, (kind, r) in enumerate(plans):
-            t = threading.Thread(target=client, args=(i, kind, r))
-            t.start()
-            threads.append(t)
-            if i % 6 == 0:
-                time.sleep(0.003)
-        for t in threads:
-            t.join(30)
-        served_anyway = {"length", "stop", "INTERNAL", "RESOURCE_EXHAUSTED"}  # finished first / poison / full
-        allowed = {
-            "ok": served_anyway, "stop": served_anyway, "bad": {"INVALID_ARGUMENT", "RESOURCE_EXHAUSTED"},  # grpc's concurrent-RPC bound
-            "deadline": served_anyway | {"DEADLINE_EXCEEDED"}, "cancel": served_anyway | {"CANCELLED"},
-            "disconnect": served_anyway | {"DISCONNECTED", "CANCELLED"},
-        }
-        assert len(outcomes) == len(plans)
-        for i, (kind, _) in enumerate(plans):
-            assert outcomes[i] in allowed[kind], (i, kind, outcomes[i])
-        m = s.metrics
-        codes_seen = ("OK", "INVALID_ARGUMENT", "RESOURCE_EXHAUSTED", "CANCELLED", "DEADLINE_EXCEEDED", "INTERNAL")
-        # every call that reached the handler is counted once (a few deadline calls expire before it)
-        reached = m.value("jaxinfer_requests_started_total") + sum(
-            m.value("jaxinfer_requests_rejected_total", {"cause": c}) for c in ("invalid", "queue_full", "unavailable")
-        )
-        wait_for(lambda: sum(m.value("jaxinfer_grpc_requests_total", {"method": "Generate", "code": c})
-                             for c in codes_seen) == reached)
-        assert reached <= len(plans)
-        finished = m.finished_by_reason()
-        clients_done = sum(o in ("length", "stop") for o in outcomes.values())
-        assert finished["length"] + finished["stop"] >= clients_done
-        assert finished["error"] >= sum(o == "INTERNAL" for o in outcomes.values())
-    finally:
-        s.close()
+    threads = []
+    for i, (kind, r) in enumerate(plans):
+        t = threading.Thread(target=client, args=(i, kind, r))
+        t.start()
+        threads.append(t)
+        if i % 6 == 0:
+            time.sleep(0.003)
+    for t in threads:
+        t.join(30)
+    served_anyway = {"length", "stop", "INTERNAL", "RESOURCE_EXHAUSTED"}  # finished first / poison / full
+    allowed = {
+        "ok": served_anyway, "stop": served_anyway, "bad": {"INVALID_ARGUMENT", "RESOURCE_EXHAUSTED"},  # grpc's concurrent-RPC bound
+        "deadline": served_anyway | {"DEADLINE_EXCEEDED"}, "cancel": served_anyway | {"CANCELLED"},
+        "disconnect": served_anyway | {"DISCONNECTED", "CANCELLED"},
+    }
+    assert len(outcomes) == len(plans)
+    for i, (kind, _) in enumerate(plans):
+        assert outcomes[i] in allowed[kind], (i, kind, outcomes[i])
+    m = s.metrics
+    # every call that reached the handler is counted once (a few deadline calls expire before it)
+    reached = m.value("jaxinfer_requests_started_total") - base_started + sum(
+        m.value("jaxinfer_requests_rejected_total", {"cause": c}) for c in ("invalid", "queue_full", "unavailable")
+    ) - base_rejected
+    wait_for(lambda: sum(m.value("jaxinfer_grpc_requests_total", {"method": "Generate", "code": c})
+                         for c in codes_seen) - base_codes == reached)
+    assert reached <= len(plans)
+    finished = {k: v - base_finished.get(k, 0) for k, v in m.finished_by_reason().items()}
+    clients_done = sum(o in ("length", "stop") for o in outcomes.values())
+    assert finished["length"] + finished["stop"] >= clients_done
+    assert finished["error"] >= sum(o == "INTERNAL" for o in outcomes.values())
