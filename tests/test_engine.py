@@ -191,3 +191,20 @@ def test_greedy_and_seed_reproducible():
     assert set(_draw(n=50, temperature=0.0)) == {0}
     a, b = _draw(temperature=1.0), _draw(temperature=1.0)
     np.testing.assert_array_equal(a, b)
+
+
+def test_seeded_request_same_beside_31_others():
+    """A seeded sampled request yields the same tokens alone (slot 0) and as slot 15
+    of 32 concurrent requests with their own parameters."""
+    eng = Engine(make_model(LLAMA_TINY, seed=3),
+                 EngineConfig(slots=32, max_len=64, prefill_buckets=(16,), min_span=64, decode_rows=(1,)))
+    eng.compile(progress=False)
+    prompt, params = prompt_of(9, 99), SamplingParams(temperature=1.0, top_p=0.95, seed=1234, logprobs=3)
+    alone = eng.generate([prompt], params, max_tokens=12, ignore_eos=True)[0]
+    others = [(prompt_of(n % 15 + 1, seed=n), SamplingParams(temperature=0.5 + n / 40, top_k=n % 7, seed=n))
+              for n in range(31)]
+    batch = others[:15] + [(prompt, params)] + others[15:]
+    res = eng.generate([p for p, _ in batch], [s for _, s in batch], max_tokens=12, ignore_eos=True)
+    assert res[15]["token_ids"] == alone["token_ids"]
+    np.testing.assert_allclose(res[15]["logprobs"], alone["logprobs"], atol=1e-5)
+    assert len({tuple(r["token_ids"]) for r in res}) > 20  # the others really sampled their own tokens
