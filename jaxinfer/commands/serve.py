@@ -13,6 +13,7 @@ import threading
 import time
 from pathlib import Path
 
+from jaxinfer import distributed
 from jaxinfer.commands.common import add_model_args, build_engine
 
 log = logging.getLogger("jaxinfer.serve")
@@ -43,6 +44,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--default-max-tokens", type=int, default=256, help="max_tokens of requests that leave it unset")
     q.add_argument("--max-stop-strings", type=int, default=16, help="stop strings per request")
     q.add_argument("--grace-period", type=float, default=30.0, help="seconds in-flight requests get to finish on SIGTERM")
+    distributed.add_arguments(p)
     p.set_defaults(func=run)
 
 
@@ -67,6 +69,10 @@ def run(args: argparse.Namespace) -> int:
         grace_period=args.grace_period,
     )
 
+    cluster = distributed.from_args(args)  # None: one process; else jax.distributed is up
+    if cluster is not None:  # a converted checkpoint (no conversion races), a mesh over every process
+        args.model, args.mesh = str(distributed.checkpoint_dir(args.model)), distributed.mesh_spec(args.mesh)
+
     from jaxinfer import sharding
 
     t0 = time.perf_counter()
@@ -81,21 +87,30 @@ def run(args: argparse.Namespace) -> int:
         "compiled %d programs in %.1fs (slowest: %s, %.1fs); nothing compiles while serving",
         len(programs), compiled.get("total", sum(programs.values())), slowest, programs.get(slowest, 0.0),
     )
+    if cluster is not None and not cluster.is_leader:
+        try:
+            return distributed.follow(engine)  # serves nothing; returns when process 0 stops the group
+        finally:
+            distributed.shutdown()
     model = ModelDescription(
         name=engine.name,
         architecture=engine.cfg.family,
         dtype=str(engine.dtype),
-        mesh=sharding.describe(engine.mesh),
+        mesh=sharding.describe(engine.mesh) + (f" in {cluster.num_processes} processes" if cluster else ""),
         max_position_embeddings=engine.cfg.max_position_embeddings,
     )
+    served = engine if cluster is None else distributed.LockstepEngine(engine)
     metrics = Metrics()
-    server = build_server(engine, engine.tokenizer, model, options, metrics=metrics)
+    server = build_server(served, engine.tokenizer, model, options, metrics=metrics)
     if args.metrics_port is not None:
         log.info("metrics on http://%s:%d/metrics", args.metrics_host, metrics.serve_http(args.metrics_port, args.metrics_host))
     try:
         return serve_until_signal(server)
     finally:
         metrics.close()
+        if cluster is not None:
+            served.stop()  # the other processes leave their follow loop
+            distributed.shutdown()
 
 
 def serve_until_signal(server, grace: float | None = None, signals=(signal.SIGTERM, signal.SIGINT)) -> int:

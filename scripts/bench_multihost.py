@@ -1,0 +1,210 @@
+#!/usr/bin/env python3
+"""What the per-step broadcast of multi-host serving costs: step time with two processes against one.
+
+Three runs of the same engine on the same number of CPU devices (``--devices``, virtual):
+
+  one process        the plain engine on all devices;
+  2 processes, SPMD  two processes with half the devices each, every process making the same
+                     engine calls itself (no broadcast): the cost of cross-process collectives;
+  2 processes,       process 0 drives a LockstepEngine that broadcasts every call to process 1,
+  lockstep           which follows (what ``jaxinfer serve --num-processes 2`` does): the
+                     difference to SPMD is the broadcast.
+
+Each run prefills every slot with a short prompt, then times synchronous decode steps over all
+slots (dispatch + reading the tokens back), for a few rounds after a warm-up round. The lockstep
+run also times bare command broadcasts (a header and nothing else). Prints a table; --json writes it.
+
+    python scripts/bench_multihost.py                          # tiny random model
+    python scripts/bench_multihost.py --model ~/.cache/jaxinfer/smollm2-135m-instruct-float32-*  # converted dir
+
+On a 2-core machine the two processes also compete for the cores: the figures are what this
+machine does, not what two hosts would.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def tiny_checkpoint(out: Path) -> Path:
+    import dataclasses
+
+    from jaxinfer.checkpoint import save_checkpoint
+    from jaxinfer.config import SMOLLM2_135M
+    from jaxinfer.model.weights import random_weights
+
+    cfg = dataclasses.replace(
+        SMOLLM2_135M, name="tiny-random", num_layers=4, hidden_size=256, intermediate_size=512, num_heads=8,
+        num_kv_heads=4, head_dim=32, vocab_size=1024, max_position_embeddings=1024,
+    )
+    return save_checkpoint(out, cfg, random_weights(cfg, seed=0), None, progress=False)
+
+
+# -- worker side -------------------------------------------------------------------------------------
+
+
+def percentile(xs, q):
+    import numpy as np
+
+    return float(np.percentile(np.asarray(xs), q)) if xs else float("nan")
+
+
+def timed_loop(engine, args) -> dict:
+    """prefill every slot, then synchronous decode steps; round 0 warms up (compiles)."""
+    from jaxinfer.engine.types import SamplingParams
+
+    slots = list(range(args.slots))
+    prompt = [5 + (i % 50) for i in range(args.prompt)]
+    prefill_ms, step_ms = [], []
+    for r in range(args.rounds + 1):
+        t0 = time.perf_counter()
+        for s in slots:
+            engine.prefill(s, prompt, SamplingParams())
+        t_prefill = (time.perf_counter() - t0) * 1e3 / len(slots)
+        steps = []
+        for _ in range(args.steps):
+            t = time.perf_counter()
+            engine.decode(slots).result()
+            steps.append((time.perf_counter() - t) * 1e3)
+        for s in slots:
+            engine.release(s)
+        if r:
+            prefill_ms.append(t_prefill)
+            step_ms += steps
+    return {
+        "prefill_ms": percentile(prefill_ms, 50),
+        "step_ms_p50": percentile(step_ms, 50),
+        "step_ms_p90": percentile(step_ms, 90),
+        "tokens_per_s": len(slots) * 1e3 / percentile(step_ms, 50),
+        "steps": len(step_ms),
+    }
+
+
+def worker(args) -> None:
+    import jax
+
+    from jaxinfer import distributed
+    from jaxinfer.engine.engine import Engine, EngineConfig
+
+    if args.worker != "single":
+        distributed.initialize(args.coordinator, 2, args.process_id, heartbeat_timeout_s=30)
+    config = EngineConfig(slots=args.slots, max_len=args.max_len, lazy_compile=True, min_span=args.max_len)
+    engine = Engine.from_checkpoint(args.model, mesh=args.mesh, config=config)
+    out: dict = {"devices": jax.device_count(), "processes": jax.process_count(), "mesh": args.mesh}
+    if args.worker == "lockstep":
+        if args.process_id:
+            distributed.follow(engine)
+        else:
+            lock = distributed.LockstepEngine(engine, keepalive_s=3600)
+            out |= timed_loop(lock, args)
+            ch, bare = lock.channel, []
+            for _ in range(args.bare):
+                t = time.perf_counter()
+                ch.send(distributed.Command(distributed.Op.NOOP))
+                bare.append((time.perf_counter() - t) * 1e3)
+            out["broadcast_ms_p50"] = percentile(bare, 50)
+            lock.stop()
+        distributed.shutdown()
+    else:
+        out |= timed_loop(engine, args)  # SPMD: every process makes the same calls
+        if args.worker == "spmd":
+            distributed.shutdown()
+    if jax.process_index() == 0:
+        print("RESULT " + json.dumps(out), flush=True)
+
+
+# -- driver side -------------------------------------------------------------------------------------
+
+
+def launch(mode: str, args, model: Path) -> dict:
+    nproc = 1 if mode == "single" else 2
+    port = free_port()
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={args.devices // nproc}")
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    base = [sys.executable, __file__, "--worker", mode, "--model", str(model), "--mesh", args.mesh,
+            "--slots", str(args.slots), "--max-len", str(args.max_len), "--prompt", str(args.prompt),
+            "--steps", str(args.steps), "--rounds", str(args.rounds), "--bare", str(args.bare),
+            "--coordinator", f"127.0.0.1:{port}"]
+    procs = [subprocess.Popen(base + ["--process-id", str(i)], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in range(nproc)]
+    outs = [p.communicate(timeout=1800) for p in procs]
+    for p, (so, se) in zip(procs, outs):
+        if p.returncode:
+            raise SystemExit(f"{mode} worker failed (exit {p.returncode}):\n{se[-3000:]}")
+    line = next(ln for ln in outs[0][0].splitlines() if ln.startswith("RESULT "))
+    return json.loads(line[len("RESULT "):])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", help="converted checkpoint directory (default: a tiny random model)")
+    ap.add_argument("--devices", type=int, default=4, help="CPU devices in all (split over the processes)")
+    ap.add_argument("--mesh", default="data=1,model=4")
+    ap.add_argument("--slots", type=int, default=4)
+    ap.add_argument("--max-len", type=int, default=128)
+    ap.add_argument("--prompt", type=int, default=16, help="prompt tokens per slot")
+    ap.add_argument("--steps", type=int, default=40, help="decode steps per round")
+    ap.add_argument("--rounds", type=int, default=3, help="timed rounds (after one warm-up round)")
+    ap.add_argument("--bare", type=int, default=200, help="bare command broadcasts to time (lockstep run)")
+    ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--worker", choices=["single", "spmd", "lockstep"], help=argparse.SUPPRESS)
+    ap.add_argument("--process-id", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--coordinator", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        return worker(args)
+    if args.prompt + args.steps >= args.max_len:
+        raise SystemExit("--prompt + --steps must stay below --max-len")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model = Path(args.model) if args.model else tiny_checkpoint(Path(tmp) / "tiny")
+        results = {}
+        for mode in ("single", "spmd", "lockstep"):
+            t0 = time.perf_counter()
+            results[mode] = launch(mode, args, model)
+            print(f"  {mode}: done in {time.perf_counter() - t0:.0f}s", file=sys.stderr)
+
+    import platform
+
+    name = json.loads((model / "config.json").read_text())["name"] if args.model else "tiny-random (4 layers, hidden 256)"
+    print(f"\nmodel {name}; {args.devices} CPU devices, mesh {args.mesh}, {args.slots} slots decoding, "
+          f"prompt {args.prompt}; {platform.processor() or platform.machine()}, {os.cpu_count()} cores\n")
+    rows = [
+        ("1 process x {d} devices", "single"),
+        ("2 processes x {h} devices, same calls, no broadcast", "spmd"),
+        ("2 processes x {h} devices, lockstep (broadcast per call)", "lockstep"),
+    ]
+    print(f"| {'run':58} | decode step p50 (ms) | p90 (ms) | prefill/slot (ms) | tokens/s |")
+    print(f"|{'-' * 60}|---------------------:|---------:|------------------:|---------:|")
+    for label, key in rows:
+        r = results[key]
+        label = label.format(d=args.devices, h=args.devices // 2)
+        print(f"| {label:58} | {r['step_ms_p50']:20.2f} | {r['step_ms_p90']:8.2f} | {r['prefill_ms']:17.2f} | "
+              f"{r['tokens_per_s']:8.0f} |")
+    lock, spmd, single = results["lockstep"], results["spmd"], results["single"]
+    print(f"\nbare command broadcast (2 processes): {lock['broadcast_ms_p50']:.2f} ms p50")
+    print(f"decode step: lockstep - SPMD = {lock['step_ms_p50'] - spmd['step_ms_p50']:+.2f} ms (the broadcast); "
+          f"SPMD - one process = {spmd['step_ms_p50'] - single['step_ms_p50']:+.2f} ms (cross-process collectives)")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": vars(args), "results": results}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
