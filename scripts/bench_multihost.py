@@ -173,6 +173,7 @@ def main() -> None:
     if args.prompt + args.steps >= args.max_len:
         raise SystemExit("--prompt + --steps must stay below --max-len")
 
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         model = Path(args.model) if args.model else tiny_checkpoint(Path(tmp) / "tiny")
         results = {}
@@ -184,8 +185,10 @@ def main() -> None:
     import platform
 
     name = json.loads((model / "config.json").read_text())["name"] if args.model else "tiny-random (4 layers, hidden 256)"
+    load = (load_before[0], os.getloadavg()[0])
     print(f"\nmodel {name}; {args.devices} CPU devices, mesh {args.mesh}, {args.slots} slots decoding, "
-          f"prompt {args.prompt}; {platform.processor() or platform.machine()}, {os.cpu_count()} cores\n")
+          f"prompt {args.prompt}; {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+          f"load average {load[0]:.1f} before, {load[1]:.1f} after (other work on the machine skews the figures)\n")
     rows = [
         ("1 process x {d} devices", "single"),
         ("2 processes x {h} devices, same calls, no broadcast", "spmd"),
@@ -203,7 +206,8 @@ def main() -> None:
     print(f"decode step: lockstep - SPMD = {lock['step_ms_p50'] - spmd['step_ms_p50']:+.2f} ms (the broadcast); "
           f"SPMD - one process = {spmd['step_ms_p50'] - single['step_ms_p50']:+.2f} ms (cross-process collectives)")
     if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), "results": results}, indent=2) + "\n")
+        Path(args.json).write_text(json.dumps({"args": vars(args), "load_average": load, "results": results},
+                                              indent=2) + "\n")
 
 
 if __name__ == "__main__":
