@@ -101,10 +101,10 @@ def run(args: argparse.Namespace) -> int:
     )
     served = engine if cluster is None else distributed.LockstepEngine(engine)
     metrics = Metrics()
-    server = build_server(served, engine.tokenizer, model, options, metrics=metrics)
-    if args.metrics_port is not None:
-        log.info("metrics on http://%s:%d/metrics", args.metrics_host, metrics.serve_http(args.metrics_port, args.metrics_host))
     try:
+        server = build_server(served, engine.tokenizer, model, options, metrics=metrics)
+        if args.metrics_port is not None:
+            log.info("metrics on http://%s:%d/metrics", args.metrics_host, metrics.serve_http(args.metrics_port, args.metrics_host))
         return serve_until_signal(server)
     finally:
         metrics.close()
