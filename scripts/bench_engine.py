@@ -78,7 +78,7 @@ def build_engine(args, slots: int, max_len: int, ckpt):
     from jaxinfer.engine.engine import Engine, EngineConfig
     from jaxinfer.model.transformer import Transformer
 
-    buckets = tuple(b for b in (128, 512, 2048) if b < max_len)
+    buckets = tuple(b for b in (32, 128, 512) if b < max_len)  # the default: longer prompts go in 512-token chunks
     cfg = EngineConfig(slots=slots, max_len=max_len, prefill_buckets=buckets or (max_len // 2,),
                        decode_rows=tuple(int(b) for b in args.batches.split(",")), lazy_compile=True,
                        unroll=args.unroll)

@@ -309,7 +309,7 @@ class Engine:
             span: jax.jit(
                 lambda p, ds, *a, span=span: prefill(p, ds, *a, span=span), donate_argnums=1, out_shardings=out_sh
             )
-            for span in self.spans
+            for span in (0, *self.spans)
         }
         self._decode_jit = {
             (rows, span): jax.jit(
@@ -353,10 +353,11 @@ class Engine:
         )
 
     def prefill_variants(self) -> list[tuple[int, int]]:
-        """(bucket, span) pairs: fresh prompts pad to a bucket; continuation
-        chunks are a full chunk at a larger span."""
-        variants = {(b, _round_up(b, self.spans)) for b in self.config.prefill_buckets}
-        variants |= {(self.prefill_chunk, s) for s in self.spans if s > self.prefill_chunk}
+        """(bucket, span) pairs. Fresh prompts pad to a bucket and read no cache
+        (span 0); continuation chunks are a full chunk reading the cached span
+        before them."""
+        variants = {(b, 0) for b in self.config.prefill_buckets}
+        variants |= {(self.prefill_chunk, s) for s in self.spans if s >= self.prefill_chunk}
         return sorted(variants)
 
     def variants(self) -> list[tuple[str, int, int]]:
@@ -418,11 +419,9 @@ class Engine:
         if n > self.prefill_chunk:
             raise ValueError(f"prefill chunk of {n} tokens exceeds prefill_chunk={self.prefill_chunk}")
         if start == 0:
-            T = _round_up(n, self.config.prefill_buckets)
-            span = _round_up(T, self.spans)
+            T, span = _round_up(n, self.config.prefill_buckets), 0
         else:
-            T = self.prefill_chunk
-            span = _round_up(start + T, self.spans) if start + T <= self.max_len else self.max_len
+            T, span = self.prefill_chunk, _round_up(start, self.spans)
         padded = np.zeros((1, T), np.int32)
         padded[0, :n] = tokens
         row = SlotSampling.host_row(params, self.config.seed + slot)
@@ -444,7 +443,7 @@ class Engine:
         longest = int(self._host_len[active].max()) if active else 0
         if longest >= self.max_len:
             raise ValueError(f"a slot reached max_len={self.max_len}; the driver must stop it first")
-        span = _round_up(longest + 1, self.spans)
+        span = _round_up(longest, self.spans)  # cached positions before the new token
         self.last_decode_variant = (rows, span)
         self.state, out = self._exe(("decode", rows, span))(self.params, self.state, mask)
         self._host_len[active] += 1
