@@ -33,7 +33,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxinfer import sharding as shd
 from jaxinfer.config import ModelConfig
-from jaxinfer.engine.sampling import Sampled, SlotSampling, sample
+from jaxinfer.engine.sampling import Sampled, SlotSampling, argmax_first, sample
 from jaxinfer.engine.types import EngineStats, SamplingParams, ScoreOutput, SlotToken
 from jaxinfer.model.transformer import KVCache, Transformer
 
@@ -180,6 +180,7 @@ class Engine:
         self.params = self._place_params(params)
         self.state = self._init_state(cache_dtype)
         self._host_len = np.zeros(self.num_slots, np.int64)
+        self._sampled = np.zeros(self.num_slots, np.bool_)  # slot samples (temperature > 0)
         self._want_top: dict[int, int] = {}
         self._compiled: dict[tuple, object] = {}
         self._score_jit = {}
@@ -282,7 +283,7 @@ class Engine:
             )
             return ds, out
 
-        def decode(params, ds: DecodeState, active, *, span, rows):
+        def decode(params, ds: DecodeState, active, *, span, rows, greedy_only):
             """One step for slots [0, rows); active: bool [rows]."""
             model = nnx.merge(graphdef, params)
             head = lambda a: a[:rows]  # noqa: E731
@@ -291,7 +292,7 @@ class Engine:
             hidden, cache = model(head(ds.tokens)[:, None], positions, ds.cache, None, span, unroll)
             logits = model.logits(hidden[:, 0])
             counts, seen = head(ds.counts), head(ds.seen)
-            out = sample(logits, jax.tree.map(head, ds.sampling), counts, seen, lengths + 1)
+            out = sample(logits, jax.tree.map(head, ds.sampling), counts, seen, lengths + 1, greedy_only=greedy_only)
             r = jnp.arange(rows)
             inc = active.astype(jnp.int32)
             ds = DecodeState(
@@ -312,13 +313,14 @@ class Engine:
             for span in (0, *self.spans)
         }
         self._decode_jit = {
-            (rows, span): jax.jit(
-                lambda p, ds, a, span=span, rows=rows: decode(p, ds, a, span=span, rows=rows),
+            (rows, span, greedy): jax.jit(
+                lambda p, ds, a, span=span, rows=rows, g=greedy: decode(p, ds, a, span=span, rows=rows, greedy_only=g),
                 donate_argnums=1,
                 out_shardings=out_sh,
             )
             for rows in self.decode_rows
             for span in self.spans
+            for greedy in (True, False)
         }
 
         def score(params, tokens, targets, n):
@@ -335,7 +337,7 @@ class Engine:
                 logits = model.logits(h)  # [P, C, V] for this chunk only
                 lse = jax.nn.logsumexp(logits, axis=-1)
                 tl = jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0]
-                return tl - lse, jnp.argmax(logits, axis=-1) == t
+                return tl - lse, argmax_first(logits) == t
 
             lp, greedy = jax.lax.map(chunk, (hc, tc))
             return lp.swapaxes(0, 1).reshape(P, T), greedy.swapaxes(0, 1).reshape(P, T)
@@ -361,20 +363,21 @@ class Engine:
         return sorted(variants)
 
     def variants(self) -> list[tuple[str, int, int]]:
-        """Every executable serving can need: ("prefill", bucket, span) and
-        ("decode", rows, span)."""
-        todo = [("prefill", t, s) for t, s in self.prefill_variants()]
-        return todo + [("decode", r, s) for r in self.decode_rows for s in self.spans]
+        """Every executable serving can need: ("prefill", bucket, span, False) and
+        ("decode", rows, span, greedy_only)."""
+        todo = [("prefill", t, s, False) for t, s in self.prefill_variants()]
+        return todo + [("decode", r, s, g) for r in self.decode_rows for s in self.spans for g in (True, False)]
 
-    def _compile_variant(self, key: tuple[str, int, int]):
-        kind, n, span = key
+    def _compile_variant(self, key: tuple[str, int, int, bool]):
+        kind, n, span, greedy = key
         t0 = time.perf_counter()
         if kind == "prefill":
             exe = self._prefill_jit[span].lower(self.params, self.state, *self._args_prefill(1, n)).compile()
         else:
-            exe = self._decode_jit[(n, span)].lower(self.params, self.state, np.zeros(n, np.bool_)).compile()
+            mask = np.zeros(n, np.bool_)
+            exe = self._decode_jit[(n, span, greedy)].lower(self.params, self.state, mask).compile()
         self._compiled[key] = exe
-        label = f"{kind} {'T' if kind == 'prefill' else 'rows'}={n} span={span}"
+        label = f"{kind} {'T' if kind == 'prefill' else 'rows'}={n} span={span}" + (" greedy" if greedy else "")
         self.compile_seconds[label] = time.perf_counter() - t0
         return exe, label
 
@@ -428,9 +431,10 @@ class Engine:
         rows = SlotSampling(**{k: v[None] for k, v in row.items()})
         args = (padded, np.array([slot], np.int32), np.array([start], np.int32), np.array([n], np.int32), rows,
                 np.array([last]))
-        self.state, out = self._exe(("prefill", T, span))(self.params, self.state, *args)
+        self.state, out = self._exe(("prefill", T, span, False))(self.params, self.state, *args)
         self._host_len[slot] = start + n
         self._want_top[slot] = params.logprobs
+        self._sampled[slot] = params.temperature > 0
         if not last:
             return None
         return _Step(out, [0], {0: params.logprobs}).result()[0]
@@ -444,13 +448,15 @@ class Engine:
         if longest >= self.max_len:
             raise ValueError(f"a slot reached max_len={self.max_len}; the driver must stop it first")
         span = _round_up(longest, self.spans)  # cached positions before the new token
+        greedy = not any(self._sampled[active])
         self.last_decode_variant = (rows, span)
-        self.state, out = self._exe(("decode", rows, span))(self.params, self.state, mask)
+        self.state, out = self._exe(("decode", rows, span, greedy))(self.params, self.state, mask)
         self._host_len[active] += 1
         return _Step(out, active, dict(self._want_top))
 
     def release(self, slot: int) -> None:
         self._host_len[slot] = 0
+        self._sampled[slot] = False
         self._want_top.pop(slot, None)
 
     def slot_length(self, slot: int) -> int:

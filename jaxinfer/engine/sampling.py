@@ -85,41 +85,99 @@ def apply_penalties(logits, s: SlotSampling, counts, seen):
     return logits - s.presence_penalty[:, None] * (c > 0) - s.frequency_penalty[:, None] * c
 
 
-def _filter_sorted(logits, s: SlotSampling):
-    """Top-k and top-p by a descending sort (only run when some slot asks)."""
-    V = logits.shape[-1]
-    sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
-    rank = jnp.arange(V)[None, :]
-    k = jnp.where(s.top_k > 0, s.top_k, V)[:, None]
-    probs = jax.nn.softmax(sorted_logits, axis=-1)
-    mass_before = jnp.cumsum(probs, axis=-1) - probs
-    keep = (rank < k) & ((mass_before < s.top_p[:, None]) | (rank == 0))
-    threshold = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
-    return jnp.where(logits >= threshold, logits, NEG)
+def _bisect(lo, hi, keep_enough, iters: int = 32):
+    """Largest t in [lo, hi] (per row) with keep_enough(t) true, by bisection;
+    keep_enough must be true at lo and monotone (true, then false)."""
+
+    def body(_, bounds):
+        lo, hi = bounds
+        mid = 0.5 * (lo + hi)
+        ok = keep_enough(mid)
+        return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
+
+    lo, _ = jax.lax.fori_loop(0, iters, body, (lo, hi))
+    return lo
 
 
-def sample(logits, s: SlotSampling, counts, seen, positions) -> Sampled:
+def filter_top_k_top_p(x, s: SlotSampling):
+    """Top-k, then top-p on what top-k kept, without sorting the vocabulary
+    (a sort of [slots, vocab] costs ~100x more on CPU): each threshold is found
+    by bisection. Ties at a threshold are kept, as transformers does."""
+    V = x.shape[-1]
+    k = jnp.where(s.top_k > 0, jnp.minimum(s.top_k, V), V)[:, None]
+    finite = jnp.where(x > NEG / 2, x, jnp.inf)
+    lo, hi = jnp.min(finite, -1, keepdims=True), jnp.max(x, -1, keepdims=True)
+    t_k = _bisect(lo, hi, lambda t: jnp.sum(x >= t, -1, keepdims=True) >= k)
+    x = jnp.where(x >= t_k, x, NEG)
+    p = jax.nn.softmax(x, axis=-1)
+    top_p = s.top_p[:, None]
+    t_p = _bisect(jnp.zeros_like(top_p), jnp.max(p, -1, keepdims=True),
+                  lambda t: jnp.sum(jnp.where(p >= t, p, 0.0), -1, keepdims=True) >= top_p * (1 - 1e-6))
+    return jnp.where(p >= t_p, x, NEG)
+
+
+def argmax_first(x: jax.Array) -> jax.Array:
+    """argmax over the last axis (first index on ties), as a max and a min
+    reduction: several times faster than XLA CPU's variadic argmax reduce."""
+    m = jnp.max(x, axis=-1, keepdims=True)
+    iota = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
+    return jnp.min(jnp.where(x == m, iota, x.shape[-1]), axis=-1)
+
+
+def inverse_cdf(probs: jax.Array, u: jax.Array, block: int = 256) -> jax.Array:
+    """Draw one index per row of ``probs`` [B, V] with one uniform ``u`` [B] each.
+
+    Exact inverse-CDF sampling in two levels (which block of ``block`` entries,
+    then which entry in it), so no cumulative sum runs over the whole
+    vocabulary: one uniform per row instead of one random number per entry.
+    """
+    B, V = probs.shape
+    nb = -(-V // block)
+    p = jnp.pad(probs, ((0, 0), (0, nb * block - V))).reshape(B, nb, block)
+    block_cdf = jnp.cumsum(jnp.sum(p, axis=-1), axis=-1)  # [B, nb]
+    target = u * block_cdf[:, -1]
+    blk = jnp.minimum(jnp.sum(block_cdf < target[:, None], axis=-1), nb - 1)
+    before = jnp.where(blk > 0, jnp.take_along_axis(block_cdf, jnp.maximum(blk - 1, 0)[:, None], 1)[:, 0], 0.0)
+    inner = jnp.take_along_axis(p, blk[:, None, None], axis=1)[:, 0]  # [B, block]
+    idx = jnp.sum(before[:, None] + jnp.cumsum(inner, axis=-1) < target[:, None], axis=-1)
+    # rounding can step past the block's last non-zero entry: never return a zero-probability index
+    last = block - 1 - argmax_first((inner[:, ::-1] > 0).astype(jnp.int32))
+    return (blk * block + jnp.minimum(idx, last)).astype(jnp.int32)
+
+
+def _slot_key(seed, pos):
+    """A slot's key for the token at ``pos``: depends on nothing but its seed and pos."""
+    key = jax.random.fold_in(jax.random.fold_in(jax.random.key(0), seed[0]), seed[1])
+    return jax.random.fold_in(key, pos)
+
+
+def sample(logits, s: SlotSampling, counts, seen, positions, *, greedy_only: bool = False) -> Sampled:
     """Sample one token per row. logits [B, V] f32 (raw model output); s, counts,
     seen: rows for these B sequences; positions [B]: position the sampled token
-    will occupy (mixed into the slot's random key)."""
+    will occupy (mixed into the slot's random key). ``greedy_only`` (static)
+    compiles without the sampling code, for batches whose every row is greedy:
+    on CPU its mere presence costs more than the rest of this function."""
     logprobs = jax.nn.log_softmax(logits, axis=-1)
     top_lp, top_ids = jax.lax.top_k(logprobs, min(MAX_TOP_LOGPROBS, logits.shape[-1]))
     x = apply_penalties(logits, s, counts, seen)
-    greedy_tok = jnp.argmax(x, axis=-1).astype(jnp.int32)
+    greedy_tok = argmax_first(x)
 
-    temp = jnp.where(s.temperature > 0, s.temperature, 1.0)[:, None]
-    x = x / temp
-    probs = jax.nn.softmax(x, axis=-1)
-    x = jnp.where(probs >= s.min_p[:, None] * jnp.max(probs, axis=-1, keepdims=True), x, NEG)
-    need_sort = jnp.any((s.temperature > 0) & ((s.top_k > 0) | (s.top_p < 1.0)))
-    x = jax.lax.cond(need_sort, lambda z: _filter_sorted(z, s), lambda z: z, x)
 
-    def one_key(seed, pos):
-        key = jax.random.fold_in(jax.random.fold_in(jax.random.key(0), seed[0]), seed[1])
-        return jax.random.fold_in(key, pos)
+    def draw(x):
+        temp = jnp.where(s.temperature > 0, s.temperature, 1.0)[:, None]
+        x = x / temp
+        probs = jax.nn.softmax(x, axis=-1)
+        x = jnp.where(probs >= s.min_p[:, None] * jnp.max(probs, axis=-1, keepdims=True), x, NEG)
+        need_filter = jnp.any((s.temperature > 0) & ((s.top_k > 0) | (s.top_p < 1.0)))
+        x = jax.lax.cond(need_filter, lambda z: filter_top_k_top_p(z, s), lambda z: z, x)
+        u = jax.vmap(lambda k: jax.random.uniform(k, dtype=F32))(jax.vmap(_slot_key)(s.seed, positions))
+        return inverse_cdf(jax.nn.softmax(x, axis=-1), u)
 
-    keys = jax.vmap(one_key)(s.seed, positions)
-    sampled = jax.vmap(lambda k, row: jax.random.categorical(k, row))(keys, x).astype(jnp.int32)
-    token = jnp.where(s.temperature > 0, sampled, greedy_tok)
+    # Greedy-only batches skip the sampling work entirely.
+    if greedy_only:
+        token = greedy_tok
+    else:
+        sampled = jax.lax.cond(jnp.any(s.temperature > 0), draw, lambda x: greedy_tok, x)
+        token = jnp.where(s.temperature > 0, sampled, greedy_tok)
     lp = jnp.take_along_axis(logprobs, token[:, None], axis=-1)[:, 0]
     return Sampled(token, lp, top_ids.astype(jnp.int32), top_lp)
