@@ -230,7 +230,7 @@ class Op(enum.IntEnum):
 
 # Header layout (int32). Floats travel as their float32 bits; the 64-bit seed as two words.
 _OP, _SEQ, _PAYLOAD, _SLOT, _START, _LAST, _SPLIT = range(7)
-_PARAMS = 7  # SamplingParams: 10 words from here
+_PARAMS = 7  # SamplingParams from here: 2 ints, 6 floats, has_seed, 2 seed words
 _INT_FIELDS = ("top_k", "logprobs")
 _FLOAT_FIELDS = (
     "temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty",
@@ -309,7 +309,8 @@ class Channel:
         self.count, self.seconds = 0, 0.0
 
     def send(self, cmd: Command) -> None:
-        assert self.is_source, "only process 0 sends commands"
+        if not self.is_source:
+            raise RuntimeError("only process 0 sends commands")
         self.seq += 1
         head = np.zeros(self.size, np.int32)
         head[[_OP, _SEQ, _PAYLOAD, _SLOT, _START, _LAST, _SPLIT]] = [
@@ -326,7 +327,8 @@ class Channel:
             self._bcast(payload)
 
     def recv(self) -> Command:
-        assert not self.is_source
+        if self.is_source:
+            raise RuntimeError("process 0 sends commands; it does not receive them")
         head = self._bcast(np.zeros(self.size, np.int32))
         self.seq += 1
         if int(head[_SEQ]) != self.seq:
