@@ -63,7 +63,7 @@ def main() -> int:
     ap.add_argument("--window", type=int, help="default: --max-len")
     ap.add_argument("--stride", type=int, help="default: window / 2")
     ap.add_argument("--choice-repeat", type=int, default=8, help="copies of tests/data/choice.jsonl to score")
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--threads", default="1,2", help="torch thread counts to measure transformers with (one row each)")
     ap.add_argument("--output", "-o", help="write the results as JSON")
     args = ap.parse_args()
 
@@ -77,8 +77,7 @@ def main() -> int:
     from jaxinfer.evaluation.perplexity import aggregate, evaluate_perplexity, rolling_windows
     from jaxinfer.evaluation.results import format_table
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    threads = [int(t) for t in args.threads.split(",")]
     text = Path(args.file).read_text(encoding="utf-8")[: args.chars] if args.file else stdlib_text(args.chars)
     engine, path, _ = open_engine(args.model, EngineSettings(slots=args.slots, max_len=args.max_len))
     jx = EngineBackend(engine, model=args.model, checkpoint=path)
@@ -106,8 +105,11 @@ def main() -> int:
 
     evaluate_perplexity(jx, docs, window=window, stride=stride)  # warm-up: compiles the score variants
     res, t_jx = timed(lambda: aggregate(evaluate_perplexity(jx, docs, window=window, stride=stride)))
-    hf_ppl()  # warm-up
-    (hf_nll, hf_n), t_hf = timed(hf_ppl)
+    t_hf: dict[int, float] = {}
+    for th in threads:
+        torch.set_num_threads(th)
+        hf_ppl()  # warm-up
+        (hf_nll, hf_n), t_hf[th] = timed(hf_ppl)
     ppl_jx, ppl_hf = res.perplexity, math.exp(hf_nll / hf_n)
 
     # --- short pairs (multiple choice) -------------------------------------------------------------
@@ -127,28 +129,30 @@ def main() -> int:
 
     jx.score_texts(pairs)  # warm-up
     jx_lps, t_jx_c = timed(lambda: [s.logprob for s in jx.score_texts(pairs)])
-    hf_pairs()
-    hf_lps, t_hf_c = timed(hf_pairs)
+    t_hf_c: dict[int, float] = {}
+    for th in threads:
+        torch.set_num_threads(th)
+        hf_pairs()
+        hf_lps, t_hf_c[th] = timed(hf_pairs)
     max_diff = max(abs(a - b) for a, b in zip(jx_lps, hf_lps))
 
-    rows = [
-        ("perplexity", f"jaxinfer ({engine.num_slots} slots)", res.tokens, len(wins), t_jx, res.tokens / t_jx, ppl_jx),
-        ("perplexity", "transformers (batch 1)", hf_n, len(wins), t_hf, hf_n / t_hf, ppl_hf),
-        ("choice pairs", f"jaxinfer ({engine.num_slots} slots)", n_all, len(pairs), t_jx_c, n_all / t_jx_c, "-"),
-        ("choice pairs", "transformers (batch 1)", n_all, len(pairs), t_hf_c, n_all / t_hf_c, "-"),
-    ]
+    rows = [("perplexity", f"jaxinfer ({engine.num_slots} slots)", res.tokens, len(wins), t_jx, res.tokens / t_jx, ppl_jx)]
+    rows += [("perplexity", f"transformers (batch 1, {th} threads)", hf_n, len(wins), t, hf_n / t, ppl_hf)
+             for th, t in t_hf.items()]
+    rows += [("choice pairs", f"jaxinfer ({engine.num_slots} slots)", n_all, len(pairs), t_jx_c, n_all / t_jx_c, "-")]
+    rows += [("choice pairs", f"transformers (batch 1, {th} threads)", n_all, len(pairs), t, n_all / t, "-")
+             for th, t in t_hf_c.items()]
     print(format_table(["workload", "implementation", "tokens", "sequences", "seconds", "tokens/s", "perplexity"], rows))
-    print(f"\n{args.model}, float32, window {window}, stride {stride}, {len(text)} characters; torch threads "
-          f"{torch.get_num_threads()}. Perplexity relative difference {abs(ppl_jx / ppl_hf - 1):.2e}; "
+    print(f"\n{args.model}, float32, window {window}, stride {stride}, {len(text)} characters. Perplexity relative difference {abs(ppl_jx / ppl_hf - 1):.2e}; "
           f"choice log-likelihoods max |difference| {max_diff:.2e} over {len(pairs)} pairs ({n_cont} continuation "
           "tokens). tokens = positions run through the model (perplexity: scored tokens).")
     if args.output:
         Path(args.output).write_text(json.dumps({
             "model": args.model, "checkpoint": str(path), "window": window, "stride": stride, "chars": len(text),
-            "slots": engine.num_slots, "max_len": engine.max_len, "torch_threads": torch.get_num_threads(),
-            "perplexity": {"tokens": res.tokens, "windows": len(wins), "jaxinfer_s": t_jx, "transformers_s": t_hf,
+            "slots": engine.num_slots, "max_len": engine.max_len,
+            "perplexity": {"tokens": res.tokens, "windows": len(wins), "jaxinfer_s": t_jx, "transformers_s_by_threads": t_hf,
                            "jaxinfer_ppl": ppl_jx, "transformers_ppl": ppl_hf},
-            "choice": {"pairs": len(pairs), "tokens": n_all, "jaxinfer_s": t_jx_c, "transformers_s": t_hf_c,
+            "choice": {"pairs": len(pairs), "tokens": n_all, "jaxinfer_s": t_jx_c, "transformers_s_by_threads": t_hf_c,
                        "max_abs_logprob_diff": max_diff},
         }, indent=2) + "\n")
     return 0
