@@ -323,7 +323,7 @@ class Engine:
             for greedy in (True, False)
         }
 
-        def score(params, tokens, targets, n):
+        def score(params, tokens, targets):
             model = nnx.merge(graphdef, params)
             P, T = tokens.shape
             positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (P, T))
@@ -493,13 +493,11 @@ class Engine:
                 P = min(1 << (len(group) - 1).bit_length(), most)
                 tokens = np.zeros((P, T), np.int32)
                 targets = np.zeros((P, T), np.int32)
-                n = np.ones((P,), np.int32)  # padding rows score one dummy position
                 for r, i in enumerate(group):
                     seq = seqs[i]
                     tokens[r, : len(seq) - 1] = seq[:-1]
                     targets[r, : len(seq) - 1] = seq[1:]
-                    n[r] = len(seq) - 1
-                lp, greedy = self._score_fn(self.params, tokens, targets, n)
+                lp, greedy = self._score_fn(self.params, tokens, targets)  # rows are causal: padding after is harmless
                 lp, greedy = np.asarray(lp), np.asarray(greedy)
                 for r, i in enumerate(group):
                     rows_lp[i] = (lp[r], greedy[r])
