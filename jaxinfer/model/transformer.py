@@ -39,8 +39,8 @@ class KVCache:
     attended (the causal mask hides them); the engine tracks the lengths.
     """
 
-    k: jax.Array  # [layers, slots, max_len, kv_heads, head_dim]
-    v: jax.Array  # [layers, slots, max_len, kv_heads, head_dim]
+    k: jax.Array  # [layers, slots, kv_heads, max_len, head_dim]
+    v: jax.Array  # [layers, slots, kv_heads, max_len, head_dim]
 
     @property
     def num_slots(self) -> int:
@@ -48,15 +48,15 @@ class KVCache:
 
     @property
     def max_len(self) -> int:
-        return self.k.shape[2]
+        return self.k.shape[3]
 
     @staticmethod
     def shape(cfg: ModelConfig, slots: int, max_len: int) -> tuple[int, ...]:
-        return (cfg.num_layers, slots, max_len, cfg.num_kv_heads, cfg.head_dim)
+        return (cfg.num_layers, slots, cfg.num_kv_heads, max_len, cfg.head_dim)
 
     @staticmethod
     def axes() -> tuple[str, ...]:
-        return ("layers", "slots", "seq", "kv_heads", "head_dim")
+        return ("layers", "slots", "kv_heads", "seq", "head_dim")
 
     @staticmethod
     def bytes_per_token(cfg: ModelConfig, dtype) -> int:
@@ -216,9 +216,11 @@ class Transformer(nnx.Module):
             old_win = kpos > positions[:, :, None] - window if window else None
 
         def read_cache(c, idx):
+            """[B, G, span, Hd]: kv heads before positions, so each head's keys are
+            contiguous and the attention contractions need no transposes."""
             if slots is None:
-                return lax.dynamic_slice(c, (idx, 0, 0, 0, 0), (1, B, span, G, Hd))[0]
-            return c[idx, slots, :span]  # a gather of just these rows
+                return lax.dynamic_slice(c, (idx, 0, 0, 0, 0), (1, B, G, span, Hd))[0]
+            return c[idx, slots, :, :span]  # a gather of just these rows
 
         eps, off = cfg.rms_norm_eps, cfg.norm_offset
         weights = {k: v[...] for k, v in vars(self.layers).items() if isinstance(v, nnx.Param)}
@@ -242,21 +244,21 @@ class Transformer(nnx.Module):
 
             # Layouts [b, g, t, r, s] keep t before r as in q: XLA CPU runs these
             # contractions several times faster than with [b, g, r, t, s].
-            def scores_of(keys, mask):
-                s = jnp.einsum("btgrk,bsgk->bgtrs", qg, keys.astype(q.dtype), preferred_element_type=F32)
+            def scores_of(keys, mask, spec):
+                s = jnp.einsum(spec, qg, keys.astype(q.dtype), preferred_element_type=F32)
                 return jnp.where(mask[:, None, :, None, :], s * cfg.attn_scale, -1e30)
 
             m_new = new_mask & (new_win | ~local) if window else new_mask
-            parts = [scores_of(k, m_new)]
+            parts = [scores_of(k, m_new, "btgrk,bsgk->bgtrs")]
             if use_cache:
-                keys, vals = read_cache(cache.k, idx), read_cache(cache.v, idx)  # [B, span, G, Hd]
+                keys, vals = read_cache(cache.k, idx), read_cache(cache.v, idx)  # [B, G, span, Hd]
                 m_old = old_mask & (old_win | ~local) if window else old_mask
-                parts.insert(0, scores_of(keys, m_old))
+                parts.insert(0, scores_of(keys, m_old, "btgrk,bgsk->bgtrs"))
             probs = jax.nn.softmax(jnp.concatenate(parts, axis=-1), axis=-1)
             attn = jnp.einsum("bgtrs,bsgk->bgtrk", probs[..., -T:].astype(v.dtype), v, preferred_element_type=F32)
             if use_cache:
                 attn += jnp.einsum(
-                    "bgtrs,bsgk->bgtrk", probs[..., :span].astype(vals.dtype), vals, preferred_element_type=F32
+                    "bgtrs,bgsk->bgtrk", probs[..., :span].astype(vals.dtype), vals, preferred_element_type=F32
                 )
             attn = attn.transpose(0, 2, 1, 3, 4).reshape(B, T, cfg.num_heads, Hd).astype(x.dtype)
             out = jnp.einsum("bthk,hkd->btd", attn, p["wo"])
@@ -278,9 +280,10 @@ class Transformer(nnx.Module):
         if cache is None:
             return x, None
         rows = (jnp.arange(B, dtype=jnp.int32) if slots is None else slots)[:, None]
+        # indices split by a slice: numpy puts the broadcast [B, T] dims first
         cache = KVCache(
-            cache.k.at[:, rows, positions].set(ks, mode="drop"),
-            cache.v.at[:, rows, positions].set(vs, mode="drop"),
+            cache.k.at[:, rows, :, positions].set(ks.transpose(1, 2, 0, 3, 4), mode="drop"),
+            cache.v.at[:, rows, :, positions].set(vs.transpose(1, 2, 0, 3, 4), mode="drop"),
         )
         return x, cache
 
