@@ -80,8 +80,7 @@ def build_engine(args, slots: int, max_len: int, ckpt):
 
     buckets = tuple(b for b in (32, 128, 512) if b < max_len)  # the default: longer prompts go in 512-token chunks
     cfg = EngineConfig(slots=slots, max_len=max_len, prefill_buckets=buckets or (max_len // 2,),
-                       decode_rows=tuple(int(b) for b in args.batches.split(",")), lazy_compile=True,
-                       unroll=args.unroll)
+                       decode_rows=tuple(int(b) for b in args.batches.split(",")), lazy_compile=True)
     return Engine(Transformer(ckpt.config, params=ckpt.params), cfg, mesh=args.mesh_obj)
 
 
@@ -193,7 +192,6 @@ def main(argv=None) -> int:
     p.add_argument("--contexts", default="128,1024", help="decode context lengths")
     p.add_argument("--steps", type=int, default=8, help="decode steps per timing")
     p.add_argument("--repeat", type=int, default=3, help="timings per prefill size (median)")
-    p.add_argument("--unroll", type=int, default=1, help="lax.scan unroll over layers")
     p.add_argument("--no-hf", action="store_true", help="skip transformers (e.g. on a GPU, or with --preset)")
     p.add_argument("--quick", action="store_true", help="smoke run: small sizes, few steps")
     p.add_argument("--json", default="bench_engine.json", help="write results here")
@@ -261,7 +259,7 @@ def main(argv=None) -> int:
                 engines[key] = build_engine(args, max(batches), max_len, ckpt)
             eng = engines[key]
             t = jax_decode(eng, batch, ctx, args.steps)
-            kv_read = batch * (ctx + 1) * KVCache.bytes_per_token(cfg, eng.state.cache.k.dtype)
+            kv_read = batch * (ctx + 1) * KVCache.bytes_per_token(cfg, eng.state.cache.dtype)
             step_bytes = param_bytes + kv_read
             roof_step = step_bytes / bw
             row = {"batch": batch, "context": ctx, "step_ms": t * 1e3, "tok_s": batch / t,

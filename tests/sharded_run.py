@@ -25,8 +25,8 @@ for cfg in (LLAMA_TINY, GEMMA_TINY):
         prompts = [prompt_of(n, seed=n) for n in (5, 40, 17)]
         res = eng.generate(prompts, [SamplingParams(), SamplingParams(), SamplingParams(temperature=0.9, seed=3)],
                            max_tokens=12, ignore_eos=True)
-        layers = eng.params["layers"]
-        shard = [str(x[...].sharding.spec) for x in (eng.state.cache.k, layers["wq"], layers["w_gate"])]
+        layer0 = eng.params[1][0]
+        shard = [str(x.sharding.spec) for x in (eng.state.cache.k[0], layer0["wq"], layer0["w_gate"])]
         out[f"{cfg.name} {mesh}"] = {"tokens": [r["token_ids"] for r in res],
                                      "logprobs": [r["logprobs"] for r in res], "shardings": shard}
 print(json.dumps(out))

@@ -58,7 +58,7 @@ def prompt_of(n: int, seed: int = 0, vocab: int = 512) -> list[int]:
 
 @pytest.mark.parametrize("n_prompt", [5, 40])  # 40 crosses Gemma's 16-token window and the 32 bucket (chunked)
 def test_prefill_then_decode_matches_full_forward(engine: Engine, n_prompt: int):
-    model = nnx.merge(engine.graphdef, engine.params)  # the engine's own weights
+    model = engine.reference_model()  # the engine's own weights, stacked and scanned
     prompt = prompt_of(n_prompt, seed=n_prompt)
     params = SamplingParams(logprobs=20)
     first = engine.prefill(0, prompt, params)
@@ -94,12 +94,13 @@ def test_batch_equals_alone(engine: Engine):
 
 
 def test_cache_is_donated(engine: Engine):
-    old_k = engine.state.cache.k
+    old = jax.tree.leaves(engine.state.cache)
+    assert len(old) == 2 * engine.cfg.num_layers  # one K and one V buffer per layer
     engine.prefill(1, prompt_of(4), SamplingParams())
-    assert old_k.is_deleted(), "prefill must consume the donated cache"
-    mid = engine.state.cache.k
+    assert all(b.is_deleted() for b in old), "prefill must consume every donated cache buffer"
+    mid = jax.tree.leaves(engine.state.cache)
     engine.decode([1]).result()
-    assert mid.is_deleted(), "decode must consume the donated cache"
+    assert all(b.is_deleted() for b in mid), "decode must consume every donated cache buffer"
     engine.release(1)
 
 

@@ -54,7 +54,6 @@ class EngineConfig:
     cache_dtype: str | None = None  # default: the weights' dtype
     # Bytes for the KV cache; when set, ``slots`` is derived from it.
     memory_budget_bytes: int | None = None
-    unroll: int = 1  # lax.scan unroll over layers
     # Decode compiles for these prefixes of the slots (and all slots), so a
     # lightly loaded server does not pay for every slot.
     decode_rows: tuple[int, ...] = (1, 4, 16)
@@ -209,31 +208,58 @@ class Engine:
         return cls(model, config, mesh=mesh, tokenizer=ckpt.tokenizer, name=ckpt.config.name)
 
     def _place_params(self, params):
+        """Place every weight by the sharding rules. Layer weights become one
+        buffer per layer (the unrolled forward reads them without slicing); the
+        stacked arrays are dropped from the module state, which keeps empty
+        placeholders. Returns ``(state, per-layer weight dicts)``."""
+        from jaxinfer.model.transformer import split_layers
+        from jaxinfer.model.weights import weight_specs
+
+        specs = weight_specs(self.cfg)
         shardings = shd.weight_shardings(self.cfg, self.mesh)
         flat = dict(nnx.to_flat_state(params))
-        placed = {}
+        placed, stacked, layer_sh = {}, {}, {}
         for path, var in flat.items():
             name = "/".join(str(p) for p in path)
-            placed[path] = jax.device_put(var[...], shardings[name])
+            if path[0] == "layers":
+                leaf = str(path[-1])
+                spec = specs[name]
+                layer_sh[leaf] = shd.named_sharding(spec.axes[1:], spec.shape[1:], self.mesh, what=name)
+                stacked[leaf] = var[...]
+                placed[path] = jnp.zeros((0,), var[...].dtype)
+            else:
+                placed[path] = jax.device_put(var[...], shardings[name])
+        layers = split_layers(stacked, layer_sh)
+        del stacked
         for path, var in flat.items():
             var.set_value(placed[path]) if hasattr(var, "set_value") else setattr(var, "value", placed[path])
-        return params
+        return params, layers
+
+    def reference_model(self) -> Transformer:
+        """A plain (stacked, scanned) ``Transformer`` over this engine's own
+        weights, for checks against the compiled paths."""
+        state, layers = self.params
+        model = nnx.merge(self.graphdef, jax.tree.map(lambda a: a, state))
+        for leaf in layers[0]:
+            getattr(model.layers, leaf).set_value(jnp.stack([lp[leaf] for lp in layers]))
+        return model
 
     def _state_shardings(self) -> DecodeState:
         m = self.mesh
         S, V = self.num_slots, self.cfg.vocab_size
-        cache_shape = KVCache.shape(self.cfg, S, self.max_len)
-        cs = shd.named_sharding(KVCache.axes(), cache_shape, m, what="kv cache")
+        cache_shape = KVCache.layer_shape(self.cfg, S, self.max_len)
+        cs = shd.named_sharding(KVCache.layer_axes(), cache_shape, m, what="kv cache")
+        L = self.cfg.num_layers
         slot = shd.named_sharding(("slots",), (S,), m, what="slots")
         slot2 = shd.named_sharding(("slots", None), (S, 2), m, what="seeds")
         sv = shd.named_sharding(("slots", "vocab"), (S, V), m, what="token counts")
         samp = SlotSampling(*([slot] * 7), seed=slot2)
-        return DecodeState(KVCache(cs, cs), slot, slot, samp, sv, sv)
+        return DecodeState(KVCache([cs] * L, [cs] * L), slot, slot, samp, sv, sv)
 
     def _init_state(self, cache_dtype) -> DecodeState:
         S, V = self.num_slots, self.cfg.vocab_size
         self._shardings = sh = self._state_shardings()
-        cache = KVCache.zeros(self.cfg, S, self.max_len, cache_dtype, sh.cache.k)
+        cache = KVCache.zeros(self.cfg, S, self.max_len, cache_dtype, sh.cache.k[0], per_layer=True)
 
         def build():
             return DecodeState(
@@ -252,17 +278,17 @@ class Engine:
 
     def _build_jits(self) -> None:
         graphdef, cfg, ecfg = self.graphdef, self.cfg, self.config
-        max_len, unroll = self.max_len, ecfg.unroll
+        max_len = self.max_len
         rep = NamedSharding(self.mesh, PartitionSpec())
         sh = self._shardings
 
         def prefill(params, ds: DecodeState, tokens, slots, start, n, rows: SlotSampling, last, *, span):
-            model = nnx.merge(graphdef, params)
+            model, layers = nnx.merge(graphdef, params[0]), params[1]
             P, T = tokens.shape
             idx = jnp.arange(T, dtype=jnp.int32)[None, :]
             valid = idx < n[:, None]
             positions = jnp.where(valid, start[:, None] + idx, max_len)
-            hidden, cache = model(tokens, positions, ds.cache, slots, span, unroll)
+            hidden, cache = model(tokens, positions, ds.cache, slots, span, layer_params=layers)
             last_h = jnp.take_along_axis(hidden, (n - 1)[:, None, None], axis=1)[:, 0]
             logits = model.logits(last_h)
             fresh = (start == 0)[:, None]
@@ -285,11 +311,11 @@ class Engine:
 
         def decode(params, ds: DecodeState, active, *, span, rows, greedy_only):
             """One step for slots [0, rows); active: bool [rows]."""
-            model = nnx.merge(graphdef, params)
+            model, layers = nnx.merge(graphdef, params[0]), params[1]
             head = lambda a: a[:rows]  # noqa: E731
             lengths = head(ds.lengths)
             positions = jnp.where(active, lengths, max_len)[:, None]
-            hidden, cache = model(head(ds.tokens)[:, None], positions, ds.cache, None, span, unroll)
+            hidden, cache = model(head(ds.tokens)[:, None], positions, ds.cache, None, span, layer_params=layers)
             logits = model.logits(hidden[:, 0])
             counts, seen = head(ds.counts), head(ds.seen)
             out = sample(logits, jax.tree.map(head, ds.sampling), counts, seen, lengths + 1, greedy_only=greedy_only)
@@ -324,10 +350,10 @@ class Engine:
         }
 
         def score(params, tokens, targets):
-            model = nnx.merge(graphdef, params)
+            model, layers = nnx.merge(graphdef, params[0]), params[1]
             P, T = tokens.shape
             positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (P, T))
-            hidden, _ = model(tokens, positions, None, None, 0, unroll)  # padding sits after each row: harmless
+            hidden, _ = model(tokens, positions, None, None, 0, layer_params=layers)  # padding sits after each row: harmless
             C = min(ecfg.score_chunk, T)
             hc = hidden.reshape(P, T // C, C, -1).swapaxes(0, 1)
             tc = targets.reshape(P, T // C, C).swapaxes(0, 1)
@@ -578,7 +604,7 @@ class Engine:
     # --- reporting ----------------------------------------------------------
 
     def stats(self) -> EngineStats:
-        cache_dtype = self.state.cache.k.dtype
+        cache_dtype = self.state.cache.dtype
         bpt = KVCache.bytes_per_token(self.cfg, cache_dtype)
         return EngineStats(
             num_slots=self.num_slots,
@@ -593,7 +619,7 @@ class Engine:
         s = self.stats()
         return (
             f"{self.name}: {self.num_slots} slots x {self.max_len} tokens, KV cache {s.cache_bytes / 2**20:.1f} MiB "
-            f"({s.bytes_per_token} B/token, {self.state.cache.k.dtype}), weights {self.dtype}, "
+            f"({s.bytes_per_token} B/token, {self.state.cache.dtype}), weights {self.dtype}, "
             f"mesh {shd.describe(self.mesh)}"
         )
 

@@ -35,37 +35,72 @@ F32 = jnp.float32
 class KVCache:
     """Keys and values of every layer for every slot, preallocated once.
 
-    A slot's entries at positions >= its current length are stale and never
-    attended (the causal mask hides them); the engine tracks the lengths.
+    Two layouts of the same numbers:
+
+    * per layer (what the engine allocates): ``k`` and ``v`` are lists of one
+      buffer per layer, each ``[slots, kv_heads, max_len, head_dim]``. The
+      unrolled forward reads and updates each layer's buffer in place; no
+      buffer is ever sliced out of a bigger one (XLA CPU copies such slices).
+    * stacked: one ``[layers, slots, kv_heads, max_len, head_dim]`` array each,
+      read inside the layer scan (the plain ``Transformer`` call).
+
+    Kv heads sit before positions, so each head's keys are contiguous and the
+    attention contractions need no transposes. A slot's entries at positions
+    >= its current length are stale and never attended (the causal mask hides
+    them); the engine tracks the lengths.
     """
 
-    k: jax.Array  # [layers, slots, kv_heads, max_len, head_dim]
-    v: jax.Array  # [layers, slots, kv_heads, max_len, head_dim]
+    k: jax.Array | list[jax.Array]
+    v: jax.Array | list[jax.Array]
+
+    @property
+    def per_layer(self) -> bool:
+        return isinstance(self.k, (list, tuple))
+
+    @property
+    def dtype(self):
+        return jax.tree.leaves(self.k)[0].dtype
 
     @property
     def num_slots(self) -> int:
-        return self.k.shape[1]
+        return jax.tree.leaves(self.k)[0].shape[-4]
 
     @property
     def max_len(self) -> int:
-        return self.k.shape[3]
+        return jax.tree.leaves(self.k)[0].shape[-2]
 
     @staticmethod
     def shape(cfg: ModelConfig, slots: int, max_len: int) -> tuple[int, ...]:
-        return (cfg.num_layers, slots, cfg.num_kv_heads, max_len, cfg.head_dim)
+        """Shape of the stacked layout."""
+        return (cfg.num_layers, *KVCache.layer_shape(cfg, slots, max_len))
+
+    @staticmethod
+    def layer_shape(cfg: ModelConfig, slots: int, max_len: int) -> tuple[int, ...]:
+        """Shape of one layer's buffer."""
+        return (slots, cfg.num_kv_heads, max_len, cfg.head_dim)
 
     @staticmethod
     def axes() -> tuple[str, ...]:
-        return ("layers", "slots", "kv_heads", "seq", "head_dim")
+        return ("layers", *KVCache.layer_axes())
+
+    @staticmethod
+    def layer_axes() -> tuple[str, ...]:
+        return ("slots", "kv_heads", "seq", "head_dim")
 
     @staticmethod
     def bytes_per_token(cfg: ModelConfig, dtype) -> int:
         return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * jnp.dtype(dtype).itemsize
 
     @classmethod
-    def zeros(cls, cfg: ModelConfig, slots: int, max_len: int, dtype, sharding=None) -> "KVCache":
-        shape = cls.shape(cfg, slots, max_len)
+    def zeros(
+        cls, cfg: ModelConfig, slots: int, max_len: int, dtype, sharding=None, *, per_layer: bool = False
+    ) -> "KVCache":
+        """Zeros in the stacked layout, or ``per_layer`` (``sharding`` is then one
+        layer buffer's sharding)."""
+        shape = cls.layer_shape(cfg, slots, max_len) if per_layer else cls.shape(cfg, slots, max_len)
         make = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)
+        if per_layer:
+            return cls([make() for _ in range(cfg.num_layers)], [make() for _ in range(cfg.num_layers)])
         return cls(make(), make())
 
 
@@ -178,6 +213,7 @@ class Transformer(nnx.Module):
         slots: jax.Array | None,
         span: int,
         unroll: int | bool = 1,
+        layer_params: list[dict] | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
         """Run the decoder over new tokens and return final-normed hidden states.
 
@@ -189,12 +225,20 @@ class Transformer(nnx.Module):
           slots in order (decode over a prefix of the slots).
         span: static; attention reads cache positions [0, span) of each row and
           uses those before the row's first new position. Must cover them.
+        layer_params: None runs the layers under ``lax.scan`` over the stacked
+          weights (with a stacked cache). A list of per-layer weight dicts (what
+          :meth:`split_layers` returns) unrolls the layers over those separate
+          buffers (with a per-layer cache). Unrolled compiles slower but runs
+          faster: a scan reads each layer's weights through a dynamic slice,
+          which XLA CPU materialises, copying every weight on every call.
         Returns hidden [B, T, D] and the cache with the new keys/values written.
 
-        The cache is read inside the layer scan but written once after it, so the
-        (donated) cache is updated in place rather than copied per layer.
+        Under scan the cache is read inside the loop but written once after it,
+        so the (donated) cache is updated in place rather than copied per layer.
         """
         cfg = self.cfg
+        if cache is not None and cache.per_layer != (layer_params is not None):
+            raise ValueError("a per-layer KV cache goes with per-layer weights, a stacked one with the scan")
         B, T = tokens.shape
         x = self.embed_tokens(tokens)
         G, R, Hd = cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, cfg.head_dim
@@ -203,7 +247,7 @@ class Transformer(nnx.Module):
         inv_local = jnp.asarray(rope_inv_freq(Hd, cfg.local_theta, None))
         window = cfg.sliding_window or 0
         use_cache = cache is not None and span > 0
-        kv_dtype = cache.k.dtype if cache is not None else x.dtype
+        kv_dtype = cache.dtype if cache is not None else x.dtype
 
         # Masks shared by every layer. Old keys: cache positions before the row's
         # first new token. New keys: causal among the new tokens.
@@ -215,18 +259,29 @@ class Transformer(nnx.Module):
             old_mask = kpos < positions[:, :1, None]  # [B, 1, span]
             old_win = kpos > positions[:, :, None] - window if window else None
 
+        rows = (jnp.arange(B, dtype=jnp.int32) if slots is None else slots)[:, None]
+
         def read_cache(c, idx):
             """[B, G, span, Hd]: kv heads before positions, so each head's keys are
             contiguous and the attention contractions need no transposes."""
+            if idx is None:  # one layer's own buffer [slots, G, max_len, Hd]
+                return c[:B, :, :span] if slots is None else c[slots, :, :span]
             if slots is None:
                 return lax.dynamic_slice(c, (idx, 0, 0, 0, 0), (1, B, G, span, Hd))[0]
             return c[idx, slots, :, :span]  # a gather of just these rows
 
         eps, off = cfg.rms_norm_eps, cfg.norm_offset
-        weights = {k: v[...] for k, v in vars(self.layers).items() if isinstance(v, nnx.Param)}
+        weights = None if layer_params is not None else {
+            k: v[...] for k, v in vars(self.layers).items() if isinstance(v, nnx.Param)
+        }
 
-        def layer(x, xs):
+        def layer(x, xs, bufs=None):
+            """One layer. Under scan, reads layer ``idx`` of the stacked cache and
+            returns the new keys/values; unrolled, gets this layer's own buffers
+            ``bufs``, writes the new keys/values first and then reads them back
+            (the read depends on the write, so XLA updates in place, no copy)."""
             p, idx, local = xs
+            local = jnp.asarray(local)
             h = rms_norm(x, p["attn_norm"], eps, off)
             q = jnp.einsum("btd,dhk->bthk", h, p["wq"])
             k = jnp.einsum("btd,dgk->btgk", h, p["wk"])
@@ -250,8 +305,13 @@ class Transformer(nnx.Module):
 
             m_new = new_mask & (new_win | ~local) if window else new_mask
             parts = [scores_of(k, m_new, "btgrk,bsgk->bgtrs")]
+            if bufs is not None:
+                bufs = tuple(c.at[rows, :, positions].set(n, mode="drop") for c, n in zip(bufs, (k, v)))
             if use_cache:
-                keys, vals = read_cache(cache.k, idx), read_cache(cache.v, idx)  # [B, G, span, Hd]
+                if bufs is not None:  # stale or just-written positions past the old ones are masked
+                    keys, vals = read_cache(bufs[0], None), read_cache(bufs[1], None)
+                else:
+                    keys, vals = read_cache(cache.k, idx), read_cache(cache.v, idx)  # [B, G, span, Hd]
                 m_old = old_mask & (old_win | ~local) if window else old_mask
                 parts.insert(0, scores_of(keys, m_old, "btgrk,bgsk->bgtrs"))
             probs = jax.nn.softmax(jnp.concatenate(parts, axis=-1), axis=-1)
@@ -272,20 +332,45 @@ class Transformer(nnx.Module):
             out = jnp.einsum("btf,fd->btd", act * up, p["w_down"])
             if cfg.post_norms:
                 out = rms_norm(out, p["post_mlp_norm"], eps, off)
-            return x + out, (k, v)
+            return x + out, (k, v) if bufs is None else bufs
 
-        idxs = jnp.arange(cfg.num_layers, dtype=jnp.int32)
-        x, (ks, vs) = lax.scan(layer, x, (weights, idxs, is_local), unroll=unroll)  # ks: [L, B, T, G, Hd]
+        if layer_params is None:
+            idxs = jnp.arange(cfg.num_layers, dtype=jnp.int32)
+            x, (ks, vs) = lax.scan(layer, x, (weights, idxs, is_local), unroll=unroll)  # ks: [L, B, T, G, Hd]
+            x = rms_norm(x, self.final_norm[...], eps, off)
+            if cache is None:
+                return x, None
+            # indices split by a slice: numpy puts the broadcast [B, T] dims first
+            cache = KVCache(
+                cache.k.at[:, rows, :, positions].set(ks.transpose(1, 2, 0, 3, 4), mode="drop"),
+                cache.v.at[:, rows, :, positions].set(vs.transpose(1, 2, 0, 3, 4), mode="drop"),
+            )
+            return x, cache
+        # Unrolled over separate per-layer weights and cache buffers: no layer
+        # slice of a stacked array is ever taken, so none is copied.
+        new_k, new_v = [], []
+        for i, p in enumerate(layer_params):
+            bufs = None if cache is None else (cache.k[i], cache.v[i])
+            x, (k, v) = layer(x, (p, i, cfg.layer_kinds[i] == "local"), bufs)
+            new_k.append(k)
+            new_v.append(v)
         x = rms_norm(x, self.final_norm[...], eps, off)
-        if cache is None:
-            return x, None
-        rows = (jnp.arange(B, dtype=jnp.int32) if slots is None else slots)[:, None]
-        # indices split by a slice: numpy puts the broadcast [B, T] dims first
-        cache = KVCache(
-            cache.k.at[:, rows, :, positions].set(ks.transpose(1, 2, 0, 3, 4), mode="drop"),
-            cache.v.at[:, rows, :, positions].set(vs.transpose(1, 2, 0, 3, 4), mode="drop"),
-        )
-        return x, cache
+        return x, (KVCache(new_k, new_v) if cache is not None else None)
+
+
+def split_layers(stacked: dict, shardings: dict | None = None) -> list[dict]:
+    """Per-layer weight dicts (separate buffers) from weights stacked on a
+    leading layers axis; ``shardings`` (name -> sharding of one layer's weight)
+    places each one."""
+    num = len(next(iter(stacked.values())))
+    out = []
+    for i in range(num):
+        layer = {}
+        for name, w in stacked.items():
+            piece = w[i]
+            layer[name] = jax.device_put(piece, shardings[name]) if shardings else piece
+        out.append(layer)
+    return out
 
 
 def params_tree(model: Transformer) -> dict:
