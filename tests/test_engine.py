@@ -95,7 +95,8 @@ def test_batch_equals_alone(engine: Engine):
 
 def test_cache_is_donated(engine: Engine):
     old = jax.tree.leaves(engine.state.cache)
-    assert len(old) == 2 * engine.cfg.num_layers  # one K and one V buffer per layer
+    blocks = len(engine.state.cache.k[0])
+    assert blocks == -(-engine.max_len // engine.kv_block) and len(old) == 2 * engine.cfg.num_layers * blocks
     engine.prefill(1, prompt_of(4), SamplingParams())
     assert all(b.is_deleted() for b in old), "prefill must consume every donated cache buffer"
     mid = jax.tree.leaves(engine.state.cache)

@@ -51,6 +51,10 @@ class EngineConfig:
     # is the chunk size for longer prompts.
     prefill_buckets: tuple[int, ...] = (32, 128, 512)
     min_span: int = 128  # smallest attended span (power-of-two spans up to max_len)
+    # Positions per KV cache block (each layer's cache is a list of blocks, so a
+    # span is read as whole buffers). 0: min_span on CPU, where XLA copies any
+    # slice of a buffer; one block of max_len elsewhere.
+    kv_block: int = 0
     cache_dtype: str | None = None  # default: the weights' dtype
     # Bytes for the KV cache; when set, ``slots`` is derived from it.
     memory_budget_bytes: int | None = None
@@ -170,6 +174,10 @@ class Engine:
         self.max_len = self.config.max_len
         self.prefill_chunk = self.config.prefill_buckets[-1]
         self.spans = _pow2_spans(self.config.min_span, self.max_len)
+        platform = self.mesh.devices.flat[0].platform
+        self.kv_block = self.config.kv_block or (self.config.min_span if platform == "cpu" else self.max_len)
+        if any(s % self.kv_block for s in self.spans if s < self.max_len):
+            raise ValueError(f"kv_block={self.kv_block} must divide every attended span {self.spans}")
         # Decode runs over the first `rows` slots; drivers fill low slots first.
         # Slots sharded over `data` always decode whole.
         if self.mesh.shape["data"] > 1:
@@ -229,37 +237,77 @@ class Engine:
                 placed[path] = jnp.zeros((0,), var[...].dtype)
             else:
                 placed[path] = jax.device_put(var[...], shardings[name])
-        layers = split_layers(stacked, layer_sh)
+        layers = [self._fuse_projections(lp, layer_sh) for lp in split_layers(stacked, layer_sh)]
         del stacked
         for path, var in flat.items():
             var.set_value(placed[path]) if hasattr(var, "set_value") else setattr(var, "value", placed[path])
         return params, layers
+
+    def _fuse_projections(self, lp: dict, sh: dict) -> dict:
+        """Fewer, larger matmuls per layer (each op costs a few microseconds of
+        dispatch on the CPU runtime): gate and up as one ``[D, 2, F]`` weight
+        (the MLP axis keeps its sharding), and q, k, v as one ``[D, heads + 2
+        kv_heads, Hd]`` weight when no mesh axis splits the heads (a split
+        would not follow the q/k/v boundaries)."""
+        def spec_at(name, i):
+            spec = tuple(sh[name].spec)
+            return spec[i] if i < len(spec) else None
+
+        out = dict(lp)
+        gu_sh = NamedSharding(self.mesh, PartitionSpec(spec_at("w_gate", 0), None, spec_at("w_gate", 1)))
+        out["w_gate_up"] = jax.jit(lambda g, u: jnp.stack([g, u], axis=1), out_shardings=gu_sh)(
+            out.pop("w_gate"), out.pop("w_up"))
+        if all(spec_at(n, 1) is None for n in ("wq", "wk", "wv")):
+            qkv_sh = NamedSharding(self.mesh, PartitionSpec(spec_at("wq", 0), None, spec_at("wq", 2)))
+            out["wqkv"] = jax.jit(lambda q, k, v: jnp.concatenate([q, k, v], axis=1), out_shardings=qkv_sh)(
+                out.pop("wq"), out.pop("wk"), out.pop("wv"))
+        return out
 
     def reference_model(self) -> Transformer:
         """A plain (stacked, scanned) ``Transformer`` over this engine's own
         weights, for checks against the compiled paths."""
         state, layers = self.params
         model = nnx.merge(self.graphdef, jax.tree.map(lambda a: a, state))
-        for leaf in layers[0]:
-            getattr(model.layers, leaf).set_value(jnp.stack([lp[leaf] for lp in layers]))
+        H = self.cfg.num_heads
+        G = self.cfg.num_kv_heads
+
+        def unfuse(lp: dict) -> dict:
+            lp = dict(lp)
+            if "w_gate_up" in lp:
+                gu = lp.pop("w_gate_up")
+                lp["w_gate"], lp["w_up"] = gu[:, 0], gu[:, 1]
+            if "wqkv" in lp:
+                qkv = lp.pop("wqkv")
+                lp["wq"], lp["wk"], lp["wv"] = qkv[:, :H], qkv[:, H : H + G], qkv[:, H + G :]
+            return lp
+
+        plain = [unfuse(lp) for lp in layers]
+        for leaf in plain[0]:
+            getattr(model.layers, leaf).set_value(jnp.stack([lp[leaf] for lp in plain]))
         return model
 
     def _state_shardings(self) -> DecodeState:
         m = self.mesh
         S, V = self.num_slots, self.cfg.vocab_size
-        cache_shape = KVCache.layer_shape(self.cfg, S, self.max_len)
-        cs = shd.named_sharding(KVCache.layer_axes(), cache_shape, m, what="kv cache")
         L = self.cfg.num_layers
+
+        def block_sharding(shape):
+            return shd.named_sharding(KVCache.layer_axes(), shape, m, what="kv cache")
+
+        self._kv_block_sharding = block_sharding
+        blocks = [block_sharding(KVCache.layer_shape(self.cfg, S, n))
+                  for n in KVCache.block_sizes(self.max_len, self.kv_block)]
         slot = shd.named_sharding(("slots",), (S,), m, what="slots")
         slot2 = shd.named_sharding(("slots", None), (S, 2), m, what="seeds")
         sv = shd.named_sharding(("slots", "vocab"), (S, V), m, what="token counts")
         samp = SlotSampling(*([slot] * 7), seed=slot2)
-        return DecodeState(KVCache([cs] * L, [cs] * L), slot, slot, samp, sv, sv)
+        return DecodeState(KVCache([list(blocks) for _ in range(L)], [list(blocks) for _ in range(L)]),
+                           slot, slot, samp, sv, sv)
 
     def _init_state(self, cache_dtype) -> DecodeState:
         S, V = self.num_slots, self.cfg.vocab_size
         self._shardings = sh = self._state_shardings()
-        cache = KVCache.zeros(self.cfg, S, self.max_len, cache_dtype, sh.cache.k[0], per_layer=True)
+        cache = KVCache.zeros(self.cfg, S, self.max_len, cache_dtype, self._kv_block_sharding, block=self.kv_block)
 
         def build():
             return DecodeState(
@@ -336,7 +384,7 @@ class Engine:
             span: jax.jit(
                 lambda p, ds, *a, span=span: prefill(p, ds, *a, span=span), donate_argnums=1, out_shardings=out_sh
             )
-            for span in (0, *self.spans)
+            for span in self.spans
         }
         self._decode_jit = {
             (rows, span, greedy): jax.jit(
@@ -380,12 +428,22 @@ class Engine:
             np.zeros((P,), np.bool_),
         )
 
+    def _prefill_span(self, start: int, n: int, T: int) -> int:
+        """Attended span of a prefill piece: the new keys are written first and
+        read back, so it covers positions [0, start + n). A fresh prompt uses its
+        bucket's span (one variant per bucket); a continuation chunk at least
+        ``prefill_chunk + 1``."""
+        if start == 0:
+            return _round_up(T, self.spans)
+        return _round_up(min(max(start + n, self.prefill_chunk + 1), self.max_len), self.spans)
+
     def prefill_variants(self) -> list[tuple[int, int]]:
-        """(bucket, span) pairs. Fresh prompts pad to a bucket and read no cache
-        (span 0); continuation chunks are a full chunk reading the cached span
-        before them."""
-        variants = {(b, 0) for b in self.config.prefill_buckets}
-        variants |= {(self.prefill_chunk, s) for s in self.spans if s >= self.prefill_chunk}
+        """(bucket, span) pairs. Fresh prompts pad to a bucket; continuation
+        chunks are a full chunk reading the cached span before and including them."""
+        variants = {(b, _round_up(b, self.spans)) for b in self.config.prefill_buckets}
+        variants |= {(self.prefill_chunk, s) for s in self.spans if s > self.prefill_chunk}
+        if self.prefill_chunk < self.max_len:
+            variants.add((self.prefill_chunk, self.max_len))
         return sorted(variants)
 
     def variants(self) -> list[tuple[str, int, int]]:
@@ -447,10 +505,8 @@ class Engine:
             return out
         if n > self.prefill_chunk:
             raise ValueError(f"prefill chunk of {n} tokens exceeds prefill_chunk={self.prefill_chunk}")
-        if start == 0:
-            T, span = _round_up(n, self.config.prefill_buckets), 0
-        else:
-            T, span = self.prefill_chunk, _round_up(start, self.spans)
+        T = _round_up(n, self.config.prefill_buckets) if start == 0 else self.prefill_chunk
+        span = self._prefill_span(start, n, T)
         padded = np.zeros((1, T), np.int32)
         padded[0, :n] = tokens
         row = SlotSampling.host_row(params, self.config.seed + slot)
@@ -473,7 +529,7 @@ class Engine:
         longest = int(self._host_len[active].max()) if active else 0
         if longest >= self.max_len:
             raise ValueError(f"a slot reached max_len={self.max_len}; the driver must stop it first")
-        span = _round_up(longest, self.spans)  # cached positions before the new token
+        span = _round_up(longest + 1, self.spans)  # cached positions and the new token's
         greedy = not any(self._sampled[active])
         self.last_decode_variant = (rows, span)
         self.state, out = self._exe(("decode", rows, span, greedy))(self.params, self.state, mask)

@@ -37,10 +37,13 @@ class KVCache:
 
     Two layouts of the same numbers:
 
-    * per layer (what the engine allocates): ``k`` and ``v`` are lists of one
-      buffer per layer, each ``[slots, kv_heads, max_len, head_dim]``. The
-      unrolled forward reads and updates each layer's buffer in place; no
-      buffer is ever sliced out of a bigger one (XLA CPU copies such slices).
+    * per layer, in blocks (what the engine allocates): ``k`` and ``v`` are
+      lists over layers of lists over position blocks, each buffer
+      ``[slots, kv_heads, block, head_dim]`` (the last block may be shorter).
+      The unrolled forward updates each block in place and attends to whole
+      blocks, so a span of cached positions is read without slicing it out of
+      a bigger buffer (XLA CPU copies such slices, at a fraction of the
+      memory bandwidth). One block of ``max_len`` is the plain per-layer layout.
     * stacked: one ``[layers, slots, kv_heads, max_len, head_dim]`` array each,
       read inside the layer scan (the plain ``Transformer`` call).
 
@@ -67,7 +70,18 @@ class KVCache:
 
     @property
     def max_len(self) -> int:
-        return jax.tree.leaves(self.k)[0].shape[-2]
+        if self.per_layer:
+            return sum(b.shape[-2] for b in self.k[0])
+        return self.k.shape[-2]
+
+    @staticmethod
+    def block_sizes(max_len: int, block: int) -> tuple[int, ...]:
+        """Position blocks of a per-layer cache: ``block`` each, the last shorter."""
+        block = min(block, max_len)
+        sizes = [block] * (max_len // block)
+        if max_len % block:
+            sizes.append(max_len % block)
+        return tuple(sizes)
 
     @staticmethod
     def shape(cfg: ModelConfig, slots: int, max_len: int) -> tuple[int, ...]:
@@ -93,15 +107,20 @@ class KVCache:
 
     @classmethod
     def zeros(
-        cls, cfg: ModelConfig, slots: int, max_len: int, dtype, sharding=None, *, per_layer: bool = False
+        cls, cfg: ModelConfig, slots: int, max_len: int, dtype, sharding=None, *, block: int | None = None
     ) -> "KVCache":
-        """Zeros in the stacked layout, or ``per_layer`` (``sharding`` is then one
-        layer buffer's sharding)."""
-        shape = cls.layer_shape(cfg, slots, max_len) if per_layer else cls.shape(cfg, slots, max_len)
-        make = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)
-        if per_layer:
-            return cls([make() for _ in range(cfg.num_layers)], [make() for _ in range(cfg.num_layers)])
-        return cls(make(), make())
+        """Zeros in the stacked layout, or per layer in position blocks of
+        ``block`` (``sharding`` is then a function of a block's shape)."""
+        if block is None:
+            make = jax.jit(lambda: jnp.zeros(cls.shape(cfg, slots, max_len), dtype), out_shardings=sharding)
+            return cls(make(), make())
+        makers = {}
+        for n in set(cls.block_sizes(max_len, block)):
+            shape = cls.layer_shape(cfg, slots, n)
+            makers[n] = jax.jit(lambda shape=shape: jnp.zeros(shape, dtype),
+                                out_shardings=sharding(shape) if sharding else None)
+        sizes = cls.block_sizes(max_len, block)
+        return cls(*([[makers[n]() for n in sizes] for _ in range(cfg.num_layers)] for _ in range(2)))
 
 
 def rms_norm(x: jax.Array, w: jax.Array, eps: float, offset: float) -> jax.Array:
@@ -129,14 +148,23 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> n
     return np.where(mid, blended, scaled).astype(np.float32)
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
-    """Rotate-half rope. x: [B, T, heads, head_dim]; positions: [B, T]."""
+def rope_tables(positions: jax.Array, inv_freq: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """cos and sin [B, T, 1, head_dim] for positions [B, T] (computed once, shared by the layers)."""
     freqs = positions.astype(F32)[..., None] * inv_freq  # [B, T, head_dim/2]
-    cos = jnp.cos(jnp.concatenate([freqs, freqs], -1))[:, :, None, :].astype(x.dtype)
-    sin = jnp.sin(jnp.concatenate([freqs, freqs], -1))[:, :, None, :].astype(x.dtype)
+    emb = jnp.concatenate([freqs, freqs], -1)[:, :, None, :]
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def rotate(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotate-half rope on x [B, T, heads, head_dim] with tables from :func:`rope_tables`."""
     half = x.shape[-1] // 2
     rotated = jnp.concatenate([-x[..., half:], x[..., :half]], -1)
-    return x * cos + rotated * sin
+    return x * cos.astype(x.dtype) + rotated * sin.astype(x.dtype)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
+    """Rotate-half rope. x: [B, T, heads, head_dim]; positions: [B, T]."""
+    return rotate(x, *rope_tables(positions, inv_freq))
 
 
 class Layers(nnx.Module):
@@ -223,8 +251,11 @@ class Transformer(nnx.Module):
         cache: the KV cache, or None to attend only among the new tokens (scoring).
         slots: [B] int32 cache rows of the B sequences; None means the first B
           slots in order (decode over a prefix of the slots).
-        span: static; attention reads cache positions [0, span) of each row and
-          uses those before the row's first new position. Must cover them.
+        span: static; attention reads cache positions [0, span) of each row. With
+          the stacked cache it uses those before the row's first new position
+          (attending the new tokens directly) and must cover them. With the
+          per-layer cache the new keys are written first and everything is read
+          from the cache, so span must cover the new tokens' positions too.
         layer_params: None runs the layers under ``lax.scan`` over the stacked
           weights (with a stacked cache). A list of per-layer weight dicts (what
           :meth:`split_layers` returns) unrolls the layers over those separate
@@ -245,8 +276,14 @@ class Transformer(nnx.Module):
         is_local = jnp.array([k == "local" for k in cfg.layer_kinds])
         inv_global = jnp.asarray(rope_inv_freq(Hd, cfg.rope_theta, cfg.rope_scaling))
         inv_local = jnp.asarray(rope_inv_freq(Hd, cfg.local_theta, None))
+        rope_global = rope_tables(positions, inv_global)
+        rope_local = rope_tables(positions, inv_local) if "local" in cfg.layer_kinds else rope_global
         window = cfg.sliding_window or 0
         use_cache = cache is not None and span > 0
+        # per-layer cache: write the new keys first, then attend only to the cache
+        cache_only = cache is not None and cache.per_layer
+        if cache_only and span <= 0:
+            raise ValueError("the per-layer cache path needs span > 0 (covering the new positions)")
         kv_dtype = cache.dtype if cache is not None else x.dtype
 
         # Masks shared by every layer. Old keys: cache positions before the row's
@@ -258,14 +295,35 @@ class Transformer(nnx.Module):
             kpos = jnp.arange(span, dtype=jnp.int32)[None, None, :]
             old_mask = kpos < positions[:, :1, None]  # [B, 1, span]
             old_win = kpos > positions[:, :, None] - window if window else None
+            if cache_only:  # causal over cache positions; stale entries lie past each query
+                old_mask = kpos <= positions[:, :, None]  # [B, T, span]
 
         rows = (jnp.arange(B, dtype=jnp.int32) if slots is None else slots)[:, None]
+        if cache_only:
+            sizes = [b.shape[-2] for b in cache.k[0]]
+            starts = np.cumsum([0, *sizes])[:-1].tolist()
+            n_read = sum(1 for st in starts if st < span)  # blocks holding positions [0, span)
+            if sum(sizes[:n_read]) != span:
+                raise ValueError(f"span {span} is not a whole number of cache blocks {sizes}")
+
+        def write_blocks(blocks, new):
+            """Scatter new keys [B, T, G, Hd] into the blocks that can hold them."""
+            out = list(blocks)
+            for j in range(n_read):
+                local = positions - starts[j]
+                local = jnp.where((local >= 0) & (local < sizes[j]), local, sizes[j])  # elsewhere: dropped
+                out[j] = blocks[j].at[rows, :, local].set(new, mode="drop")
+            return out
+
+        def read_block(b):
+            """[B, G, block, Hd] of these rows, whole when every slot is read."""
+            if slots is not None:
+                return b[slots]
+            return b if B == b.shape[0] else b[:B]
 
         def read_cache(c, idx):
             """[B, G, span, Hd]: kv heads before positions, so each head's keys are
             contiguous and the attention contractions need no transposes."""
-            if idx is None:  # one layer's own buffer [slots, G, max_len, Hd]
-                return c[:B, :, :span] if slots is None else c[slots, :, :span]
             if slots is None:
                 return lax.dynamic_slice(c, (idx, 0, 0, 0, 0), (1, B, G, span, Hd))[0]
             return c[idx, slots, :, :span]  # a gather of just these rows
@@ -283,17 +341,22 @@ class Transformer(nnx.Module):
             p, idx, local = xs
             local = jnp.asarray(local)
             h = rms_norm(x, p["attn_norm"], eps, off)
-            q = jnp.einsum("btd,dhk->bthk", h, p["wq"])
-            k = jnp.einsum("btd,dgk->btgk", h, p["wk"])
-            v = jnp.einsum("btd,dgk->btgk", h, p["wv"])
+            if "wqkv" in p:  # fused by the engine: [D, heads + 2 kv_heads, Hd], one matmul
+                qkv = jnp.einsum("btd,dhk->bthk", h, p["wqkv"])
+                H = cfg.num_heads
+                q, k, v = qkv[:, :, :H], qkv[:, :, H : H + G], qkv[:, :, H + G :]
+            else:
+                q = jnp.einsum("btd,dhk->bthk", h, p["wq"])
+                k = jnp.einsum("btd,dgk->btgk", h, p["wk"])
+                v = jnp.einsum("btd,dgk->btgk", h, p["wv"])
             if cfg.attention_bias:
                 q, k, v = q + p["bq"], k + p["bk"], v + p["bv"]
             if cfg.qk_norm:
                 q = rms_norm(q, p["q_norm"], eps, off)
                 k = rms_norm(k, p["k_norm"], eps, off)
-            inv = jnp.where(local, inv_local, inv_global)
-            q = apply_rope(q, positions, inv)
-            k = apply_rope(k, positions, inv).astype(kv_dtype)
+            cos, sin = (jnp.where(local, a, b) for a, b in zip(rope_local, rope_global))
+            q = rotate(q, cos, sin)
+            k = rotate(k, cos, sin).astype(kv_dtype)
             v = v.astype(kv_dtype)
             qg = q.reshape(B, T, G, R, Hd)
 
@@ -303,31 +366,47 @@ class Transformer(nnx.Module):
                 s = jnp.einsum(spec, qg, keys.astype(q.dtype), preferred_element_type=F32)
                 return jnp.where(mask[:, None, :, None, :], s * cfg.attn_scale, -1e30)
 
-            m_new = new_mask & (new_win | ~local) if window else new_mask
-            parts = [scores_of(k, m_new, "btgrk,bsgk->bgtrs")]
-            if bufs is not None:
-                bufs = tuple(c.at[rows, :, positions].set(n, mode="drop") for c, n in zip(bufs, (k, v)))
-            if use_cache:
-                if bufs is not None:  # stale or just-written positions past the old ones are masked
-                    keys, vals = read_cache(bufs[0], None), read_cache(bufs[1], None)
-                else:
-                    keys, vals = read_cache(cache.k, idx), read_cache(cache.v, idx)  # [B, G, span, Hd]
+            if cache_only:  # write, then one softmax over [0, span) of the updated blocks
+                bufs = (write_blocks(bufs[0], k), write_blocks(bufs[1], v))
+                keys = [read_block(b) for b in bufs[0][:n_read]]  # each [B, G, block, Hd]
+                vals = [read_block(b) for b in bufs[1][:n_read]]
                 m_old = old_mask & (old_win | ~local) if window else old_mask
-                parts.insert(0, scores_of(keys, m_old, "btgrk,bgsk->bgtrs"))
-            probs = jax.nn.softmax(jnp.concatenate(parts, axis=-1), axis=-1)
-            attn = jnp.einsum("bgtrs,bsgk->bgtrk", probs[..., -T:].astype(v.dtype), v, preferred_element_type=F32)
-            if use_cache:
-                attn += jnp.einsum(
-                    "bgtrs,bgsk->bgtrk", probs[..., :span].astype(vals.dtype), vals, preferred_element_type=F32
+                raw = [jnp.einsum("btgrk,bgsk->bgtrs", qg, kb.astype(q.dtype), preferred_element_type=F32)
+                       for kb in keys]
+                s_all = raw[0] if len(raw) == 1 else jnp.concatenate(raw, axis=-1)
+                probs = jax.nn.softmax(jnp.where(m_old[:, None, :, None, :], s_all * cfg.attn_scale, -1e30), axis=-1)
+                attn = sum(
+                    jnp.einsum("bgtrs,bgsk->bgtrk", probs[..., st : st + n].astype(vb.dtype), vb,
+                               preferred_element_type=F32)
+                    for st, n, vb in zip(starts, sizes, vals)
                 )
+            else:
+                m_new = new_mask & (new_win | ~local) if window else new_mask
+                parts = [scores_of(k, m_new, "btgrk,bsgk->bgtrs")]
+                if use_cache:
+                    keys, vals = read_cache(cache.k, idx), read_cache(cache.v, idx)  # [B, G, span, Hd]
+                    m_old = old_mask & (old_win | ~local) if window else old_mask
+                    parts.insert(0, scores_of(keys, m_old, "btgrk,bgsk->bgtrs"))
+                probs = jax.nn.softmax(jnp.concatenate(parts, axis=-1), axis=-1)
+                attn = jnp.einsum(
+                    "bgtrs,bsgk->bgtrk", probs[..., -T:].astype(v.dtype), v, preferred_element_type=F32
+                )
+                if use_cache:
+                    attn += jnp.einsum(
+                        "bgtrs,bgsk->bgtrk", probs[..., :span].astype(vals.dtype), vals, preferred_element_type=F32
+                    )
             attn = attn.transpose(0, 2, 1, 3, 4).reshape(B, T, cfg.num_heads, Hd).astype(x.dtype)
             out = jnp.einsum("bthk,hkd->btd", attn, p["wo"])
             if cfg.post_norms:
                 out = rms_norm(out, p["post_attn_norm"], eps, off)
             x = x + out
             h = rms_norm(x, p["mlp_norm"], eps, off)
-            gate = jnp.einsum("btd,df->btf", h, p["w_gate"])
-            up = jnp.einsum("btd,df->btf", h, p["w_up"])
+            if "w_gate_up" in p:  # fused by the engine: [D, 2, F], one matmul
+                gu = jnp.einsum("btd,dcf->btcf", h, p["w_gate_up"])
+                gate, up = gu[:, :, 0], gu[:, :, 1]
+            else:
+                gate = jnp.einsum("btd,df->btf", h, p["w_gate"])
+                up = jnp.einsum("btd,df->btf", h, p["w_up"])
             act = jax.nn.silu(gate) if cfg.activation == "silu" else jax.nn.gelu(gate, approximate=True)
             out = jnp.einsum("btf,fd->btd", act * up, p["w_down"])
             if cfg.post_norms:
