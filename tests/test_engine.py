@@ -96,7 +96,7 @@ def test_batch_equals_alone(engine: Engine):
 def test_cache_is_donated(engine: Engine):
     old = jax.tree.leaves(engine.state.cache)
     blocks = len(engine.state.cache.k[0])
-    assert blocks == -(-engine.max_len // engine.kv_block) and len(old) == 2 * engine.cfg.num_layers * blocks
+    assert blocks == len(engine.spans) and len(old) == 2 * engine.cfg.num_layers * blocks  # blocks end at the spans
     engine.prefill(1, prompt_of(4), SamplingParams())
     assert all(b.is_deleted() for b in old), "prefill must consume every donated cache buffer"
     mid = jax.tree.leaves(engine.state.cache)

@@ -39,10 +39,11 @@ class KVCache:
 
     * per layer, in blocks (what the engine allocates): ``k`` and ``v`` are
       lists over layers of lists over position blocks, each buffer
-      ``[slots, kv_heads, block, head_dim]`` (the last block may be shorter).
-      The unrolled forward updates each block in place and attends to whole
-      blocks, so a span of cached positions is read without slicing it out of
-      a bigger buffer (XLA CPU copies such slices, at a fraction of the
+      ``[slots, kv_heads, block, head_dim]``. The unrolled forward updates each
+      block in place and attends to the blocks that cover the span. With block
+      boundaries at the attended spans (128, 128, 256, 512, ... positions: the
+      engine's choice on CPU), a span is read as whole buffers, never sliced
+      out of a bigger one (XLA CPU copies such slices, at a fraction of the
       memory bandwidth). One block of ``max_len`` is the plain per-layer layout.
     * stacked: one ``[layers, slots, kv_heads, max_len, head_dim]`` array each,
       read inside the layer scan (the plain ``Transformer`` call).
@@ -75,13 +76,11 @@ class KVCache:
         return self.k.shape[-2]
 
     @staticmethod
-    def block_sizes(max_len: int, block: int) -> tuple[int, ...]:
-        """Position blocks of a per-layer cache: ``block`` each, the last shorter."""
-        block = min(block, max_len)
-        sizes = [block] * (max_len // block)
-        if max_len % block:
-            sizes.append(max_len % block)
-        return tuple(sizes)
+    def blocks_at(boundaries) -> tuple[int, ...]:
+        """Block sizes with blocks ending at the given increasing positions
+        (the last is max_len), e.g. spans (128, 256, 512) -> (128, 128, 256)."""
+        edges = [0, *boundaries]
+        return tuple(b - a for a, b in zip(edges, edges[1:]))
 
     @staticmethod
     def shape(cfg: ModelConfig, slots: int, max_len: int) -> tuple[int, ...]:
@@ -107,20 +106,22 @@ class KVCache:
 
     @classmethod
     def zeros(
-        cls, cfg: ModelConfig, slots: int, max_len: int, dtype, sharding=None, *, block: int | None = None
+        cls, cfg: ModelConfig, slots: int, max_len: int, dtype, sharding=None, *, blocks: tuple[int, ...] | None = None
     ) -> "KVCache":
-        """Zeros in the stacked layout, or per layer in position blocks of
-        ``block`` (``sharding`` is then a function of a block's shape)."""
-        if block is None:
+        """Zeros in the stacked layout, or per layer in position blocks of the
+        given sizes, summing to max_len (``sharding`` is then a function of a
+        block's shape)."""
+        if blocks is None:
             make = jax.jit(lambda: jnp.zeros(cls.shape(cfg, slots, max_len), dtype), out_shardings=sharding)
             return cls(make(), make())
+        if sum(blocks) != max_len:
+            raise ValueError(f"cache blocks {blocks} do not add up to max_len={max_len}")
         makers = {}
-        for n in set(cls.block_sizes(max_len, block)):
+        for n in set(blocks):
             shape = cls.layer_shape(cfg, slots, n)
             makers[n] = jax.jit(lambda shape=shape: jnp.zeros(shape, dtype),
                                 out_shardings=sharding(shape) if sharding else None)
-        sizes = cls.block_sizes(max_len, block)
-        return cls(*([[makers[n]() for n in sizes] for _ in range(cfg.num_layers)] for _ in range(2)))
+        return cls(*([[makers[n]() for n in blocks] for _ in range(cfg.num_layers)] for _ in range(2)))
 
 
 def rms_norm(x: jax.Array, w: jax.Array, eps: float, offset: float) -> jax.Array:
@@ -303,11 +304,12 @@ class Transformer(nnx.Module):
             sizes = [b.shape[-2] for b in cache.k[0]]
             starts = np.cumsum([0, *sizes])[:-1].tolist()
             n_read = sum(1 for st in starts if st < span)  # blocks holding positions [0, span)
-            if sum(sizes[:n_read]) != span:
-                raise ValueError(f"span {span} is not a whole number of cache blocks {sizes}")
+            # the last block read may be partly covered: read (and slice) just that part
+            read_sizes = [min(n, span - st) for st, n in zip(starts[:n_read], sizes[:n_read])]
 
-        def write_blocks(blocks, new):
+        def write_blocks(blocks, new, c):
             """Scatter new keys [B, T, G, Hd] into the blocks that can hold them."""
+            positions, rows = c["positions"], c["rows"]
             out = list(blocks)
             for j in range(n_read):
                 local = positions - starts[j]
@@ -315,8 +317,11 @@ class Transformer(nnx.Module):
                 out[j] = blocks[j].at[rows, :, local].set(new, mode="drop")
             return out
 
-        def read_block(b):
-            """[B, G, block, Hd] of these rows, whole when every slot is read."""
+        def read_block(b, n, slots):
+            """[B, G, n, Hd] of these rows: the whole buffer when every slot and
+            position is read (no copy), else a slice or a gather."""
+            if n < b.shape[2]:
+                b = b[:, :, :n]
             if slots is not None:
                 return b[slots]
             return b if B == b.shape[0] else b[:B]
@@ -329,16 +334,24 @@ class Transformer(nnx.Module):
             return c[idx, slots, :, :span]  # a gather of just these rows
 
         eps, off = cfg.rms_norm_eps, cfg.norm_offset
+        ctx = dict(positions=positions, slots=slots, rows=rows, new_mask=new_mask, new_win=new_win,
+                   old_mask=old_mask if use_cache else None, old_win=old_win if use_cache else None,
+                   rope_local=rope_local, rope_global=rope_global)
         weights = None if layer_params is not None else {
             k: v[...] for k, v in vars(self.layers).items() if isinstance(v, nnx.Param)
         }
 
-        def layer(x, xs, bufs=None):
+        def layer(x, xs, bufs=None, c=None):
             """One layer. Under scan, reads layer ``idx`` of the stacked cache and
             returns the new keys/values; unrolled, gets this layer's own buffers
             ``bufs``, writes the new keys/values first and then reads them back
-            (the read depends on the write, so XLA updates in place, no copy)."""
+            (the read depends on the write, so XLA updates in place, no copy).
+            ``c`` holds the per-call arrays (positions, masks, rope tables)."""
             p, idx, local = xs
+            c = c or ctx
+            positions, slots = c["positions"], c["slots"]
+            new_mask, new_win, old_mask, old_win = c["new_mask"], c["new_win"], c["old_mask"], c["old_win"]
+            rope_local, rope_global = c["rope_local"], c["rope_global"]
             local = jnp.asarray(local)
             h = rms_norm(x, p["attn_norm"], eps, off)
             if "wqkv" in p:  # fused by the engine: [D, heads + 2 kv_heads, Hd], one matmul
@@ -367,9 +380,9 @@ class Transformer(nnx.Module):
                 return jnp.where(mask[:, None, :, None, :], s * cfg.attn_scale, -1e30)
 
             if cache_only:  # write, then one softmax over [0, span) of the updated blocks
-                bufs = (write_blocks(bufs[0], k), write_blocks(bufs[1], v))
-                keys = [read_block(b) for b in bufs[0][:n_read]]  # each [B, G, block, Hd]
-                vals = [read_block(b) for b in bufs[1][:n_read]]
+                bufs = (write_blocks(bufs[0], k, c), write_blocks(bufs[1], v, c))
+                keys = [read_block(b, n, slots) for b, n in zip(bufs[0], read_sizes)]  # each [B, G, n, Hd]
+                vals = [read_block(b, n, slots) for b, n in zip(bufs[1], read_sizes)]
                 m_old = old_mask & (old_win | ~local) if window else old_mask
                 raw = [jnp.einsum("btgrk,bgsk->bgtrs", qg, kb.astype(q.dtype), preferred_element_type=F32)
                        for kb in keys]
@@ -378,7 +391,7 @@ class Transformer(nnx.Module):
                 attn = sum(
                     jnp.einsum("bgtrs,bgsk->bgtrk", probs[..., st : st + n].astype(vb.dtype), vb,
                                preferred_element_type=F32)
-                    for st, n, vb in zip(starts, sizes, vals)
+                    for st, n, vb in zip(starts, read_sizes, vals)
                 )
             else:
                 m_new = new_mask & (new_win | ~local) if window else new_mask
@@ -427,10 +440,13 @@ class Transformer(nnx.Module):
             return x, cache
         # Unrolled over separate per-layer weights and cache buffers: no layer
         # slice of a stacked array is ever taken, so none is copied.
+        # Each layer is a nested jit (one per layer kind): traced and lowered once,
+        # called for every layer, so tracing time does not grow with depth.
+        layer_jit = jax.jit(lambda x, p, bufs, c, local: layer(x, (p, None, local), bufs, c), static_argnums=4)
         new_k, new_v = [], []
         for i, p in enumerate(layer_params):
             bufs = None if cache is None else (cache.k[i], cache.v[i])
-            x, (k, v) = layer(x, (p, i, cfg.layer_kinds[i] == "local"), bufs)
+            x, (k, v) = layer_jit(x, p, bufs, ctx, cfg.layer_kinds[i] == "local")
             new_k.append(k)
             new_v.append(v)
         x = rms_norm(x, self.final_norm[...], eps, off)
