@@ -4,8 +4,9 @@
 In one run on one machine, with the same weights:
   * prefill time for prompts of 128 / 512 / 2048 tokens;
   * decode tokens/s at batch 1, 8 and 32, at context 128 and 1024;
-  * the memory-bandwidth roofline of a decode step: the machine's read bandwidth
-    (measured in the same run) / bytes read per step (weights + KV cache read).
+  * the roofline of a decode step: the slower of reading its bytes (weights +
+    KV cache read) at the machine's read bandwidth and doing its FLOPs at the
+    machine's matmul rate, both measured in the same run.
 Prints a table with the ratios and writes JSON (and a PNG with --plot).
 
     python scripts/bench_engine.py                       # SmolLM2-135M float32 vs transformers
@@ -36,6 +37,7 @@ class Result:
     model: str
     dtype: str
     bandwidth_gbs: float
+    matmul_gflops: float
     param_bytes: int
     prefill: list[dict] = field(default_factory=list)
     decode: list[dict] = field(default_factory=list)
@@ -57,6 +59,24 @@ def measure_bandwidth(seconds: float = 2.0) -> float:
         f(x).block_until_ready()
         best = min(best, time.perf_counter() - t0)
     return x.nbytes / best
+
+
+def measure_matmul_flops(seconds: float = 2.0) -> float:
+    """Matmul FLOP/s: the best of a jitted square float32 matmul, large enough
+    to be compute-bound (the compute roofline of a large decode batch)."""
+    import jax
+    import jax.numpy as jnp
+
+    n = 2048 if jax.default_backend() == "cpu" else 8192
+    a = jnp.ones((n, n), jnp.float32)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    best, t_end = float("inf"), time.perf_counter() + seconds
+    while time.perf_counter() < t_end:
+        t0 = time.perf_counter()
+        f(a).block_until_ready()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best
 
 
 def timeit(fn, repeat: int, warmup: int = 1) -> float:
@@ -227,11 +247,12 @@ def main(argv=None) -> int:
         hf = load_hf(ckpt.path)
 
     bw = measure_bandwidth()
+    peak = measure_matmul_flops()
     param_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(ckpt.params))
     res = Result(
         machine={"platform": platform.platform(), "cpus": os.cpu_count(), "backend": jax.default_backend(),
                  "devices": [str(d) for d in jax.devices()][:8], "jax": jax.__version__},
-        model=cfg.name, dtype=args.dtype, bandwidth_gbs=bw / 1e9, param_bytes=param_bytes,
+        model=cfg.name, dtype=args.dtype, bandwidth_gbs=bw / 1e9, matmul_gflops=peak / 1e9, param_bytes=param_bytes,
     )
     work = [("prefill", n, 0) for n in prefills] + [("decode", b, c) for c in contexts for b in batches]
     bar = tqdm(work, desc="benchmark", unit="case", file=sys.stderr)
@@ -261,10 +282,15 @@ def main(argv=None) -> int:
             t = jax_decode(eng, batch, ctx, args.steps)
             kv_read = batch * (ctx + 1) * KVCache.bytes_per_token(cfg, eng.state.cache.dtype)
             step_bytes = param_bytes + kv_read
-            roof_step = step_bytes / bw
+            n_params = param_bytes / np.dtype(args.dtype).itemsize
+            attn_flops = 4 * batch * (ctx + 1) * cfg.num_layers * cfg.num_heads * cfg.head_dim
+            step_flops = 2 * batch * n_params + attn_flops
+            roof_step = max(step_bytes / bw, step_flops / peak)
             row = {"batch": batch, "context": ctx, "step_ms": t * 1e3, "tok_s": batch / t,
                    "roofline_tok_s": batch / roof_step, "roofline_frac": roof_step / t,
-                   "bytes_per_step": step_bytes}
+                   "mbu": step_bytes / bw / t,  # model-bandwidth utilisation
+                   "bound": "memory" if step_bytes / bw >= step_flops / peak else "compute",
+                   "bytes_per_step": step_bytes, "flops_per_step": step_flops}
             if hf is not None:
                 th = hf_decode(hf, batch, ctx, args.steps)
                 row.update(transformers_tok_s=batch / th, speedup=th / t)
@@ -279,6 +305,9 @@ def main(argv=None) -> int:
         res.targets["batch1_roofline_frac"] = d1[c0]["roofline_frac"]
     if c0 in d1 and c0 in dmax:
         res.targets[f"batch{max(batches)}_over_batch1"] = dmax[c0]["tok_s"] / d1[c0]["tok_s"]
+        # the most this ratio can be on this machine with batch 1 as measured:
+        # the large batch at its (compute) roofline
+        res.targets[f"batch{max(batches)}_over_batch1_ceiling"] = dmax[c0]["roofline_tok_s"] / d1[c0]["tok_s"]
     if res.prefill and hf is not None:
         res.targets["prefill_min_speedup"] = min(r["speedup"] for r in res.prefill)
 
@@ -293,16 +322,17 @@ def main(argv=None) -> int:
 
 def print_table(res: Result, with_hf: bool) -> None:
     print(f"\n{res.model} {res.dtype} on {res.machine['backend']} ({res.machine['cpus']} cpus); "
-          f"read bandwidth {res.bandwidth_gbs:.1f} GB/s; weights {res.param_bytes / 2**20:.0f} MiB")
+          f"read bandwidth {res.bandwidth_gbs:.1f} GB/s; matmul {res.matmul_gflops:.0f} GFLOP/s; "
+          f"weights {res.param_bytes / 2**20:.0f} MiB")
     print("\nprefill   tokens  jaxinfer ms  transformers ms  speedup  TFLOP/s")
     for r in res.prefill:
         hf = f"{r['transformers_s'] * 1e3:15.1f}  {r['speedup']:6.2f}x" if with_hf else f"{'-':>15}  {'-':>7}"
         print(f"{'':9} {r['tokens']:6d}  {r['jaxinfer_s'] * 1e3:11.1f}  {hf}  {r['tflops']:7.3f}")
-    print("\ndecode  batch  context  step ms   tok/s  roofline tok/s  of roofline  transformers tok/s  speedup")
+    print("\ndecode  batch  context  step ms   tok/s  roofline tok/s  bound    of roofline  transformers tok/s  speedup")
     for r in res.decode:
         hf = f"{r['transformers_tok_s']:18.1f}  {r['speedup']:6.2f}x" if with_hf else f"{'-':>18}  {'-':>7}"
         print(f"{'':7} {r['batch']:5d}  {r['context']:7d}  {r['step_ms']:7.1f}  {r['tok_s']:6.1f}  "
-              f"{r['roofline_tok_s']:14.1f}  {r['roofline_frac'] * 100:10.0f}%  {hf}")
+              f"{r['roofline_tok_s']:14.1f}  {r['bound']:7}  {r['roofline_frac'] * 100:10.0f}%  {hf}")
     print("\ntargets:", json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in res.targets.items()}))
 
 

@@ -34,7 +34,7 @@ import json, sys
 r = json.load(open(sys.argv[1]))
 b1 = [d for d in r["decode"] if d["batch"] == 1]
 top = max(r["decode"], key=lambda d: d["batch"])
-print(f"batch-1 MBU (bytes read per step / step time / measured bandwidth): {b1[0]['roofline_frac'] * 100:.0f}%  (target >= 80% on H200)")
+print(f"batch-1 MBU (bytes read per step / step time / measured bandwidth): {b1[0]['mbu'] * 100:.0f}%  (target >= 80% on H200)")
 print(f"batch-{top['batch']} throughput: {top['tok_s']:.0f} tokens/s  (target >= 6000 on H200 at batch 256)")
 print(f"prefill {r['prefill'][-1]['tokens']} tokens: {r['prefill'][-1]['tflops']:.1f} TFLOP/s")
 PY

@@ -14,6 +14,12 @@
   serving calls the compiled executables only, so nothing compiles while serving.
 * Weights and state are placed on a ``("data", "model")`` mesh by the logical
   axis rules in :mod:`jaxinfer.sharding`.
+* Weights and cache are kept one buffer per layer (and the cache one buffer
+  per position block, with block edges at the attended spans), and the layers
+  run unrolled. XLA CPU copies any slice it takes of a buffer: under a scan
+  over stacked weights, every decode step copied every weight, and reading a
+  span of a longer cache copied the span. q/k/v and gate/up are fused into one
+  matmul each where the sharding allows.
 """
 
 from __future__ import annotations
