@@ -76,6 +76,22 @@ def test_prefill_then_decode_matches_full_forward(engine: Engine, n_prompt: int)
         np.testing.assert_allclose(t.top_logprobs, np.sort(row)[::-1][:20], atol=1e-4)
 
 
+def test_one_block_cache_equals_span_blocks(engine: Engine):
+    """The cache layout other platforms use (one block of max_len per layer, a
+    span read as a slice of it) gives the same tokens and logprobs as the CPU
+    layout (blocks ending at the spans, read whole)."""
+    assert len(engine.kv_blocks) > 1
+    one = Engine(make_model(engine.cfg), dataclasses.replace(ENGINE_CFG, span_blocks=False, lazy_compile=True))
+    assert one.kv_blocks == (one.max_len,)
+    prompts = [prompt_of(5, 21), prompt_of(40, 22), prompt_of(70, 23)]  # 70: past a 64-position span
+    params = [SamplingParams(logprobs=5), SamplingParams(temperature=0.9, seed=4, logprobs=5), SamplingParams()]
+    a = engine.generate(prompts, params, max_tokens=12, ignore_eos=True)
+    b = one.generate(prompts, params, max_tokens=12, ignore_eos=True)
+    for x, y in zip(a, b):
+        assert x["token_ids"] == y["token_ids"]
+        np.testing.assert_allclose(x["logprobs"], y["logprobs"], atol=1e-5)
+
+
 def test_batch_equals_alone(engine: Engine):
     """Greedy and seeded requests give the same tokens alone and beside others."""
     reqs = [
