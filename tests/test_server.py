@@ -340,7 +340,11 @@ def test_queue_full_is_resource_exhausted_at_once():
     eng.gate = threading.Event()  # hold decode: the slot stays busy, the queue fills
     s = Served(eng, max_queue_requests=2)
     try:
-        calls = [s.stub.Generate(pb.GenerateRequest(prompt="a", max_tokens=3), timeout=30) for _ in range(3)]
+        # the first takes the only slot before the next two queue (were all three to
+        # arrive before the loop admits one, the third would find the queue full)
+        calls = [s.stub.Generate(pb.GenerateRequest(prompt="a", max_tokens=3), timeout=30)]
+        wait_for(lambda: s.server.scheduler.load().active_slots == 1)
+        calls += [s.stub.Generate(pb.GenerateRequest(prompt="a", max_tokens=3), timeout=30) for _ in range(2)]
         wait_for(lambda: s.server.scheduler.load().queue_requests == 2)
         t0 = time.monotonic()
         code, msg = code_of(lambda: s.generate(prompt="a", max_tokens=3))
