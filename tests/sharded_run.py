@@ -26,7 +26,7 @@ for cfg in (LLAMA_TINY, GEMMA_TINY):
         res = eng.generate(prompts, [SamplingParams(), SamplingParams(), SamplingParams(temperature=0.9, seed=3)],
                            max_tokens=12, ignore_eos=True)
         layer0 = eng.params[1][0]
-        shard = [str(x.sharding.spec) for x in (eng.state.cache.k[0][0], layer0.get("wq", layer0.get("wqkv")), layer0["w_gate_up"])]
+        shard = [str(x.sharding.spec) for x in (eng.state.cache.k[0][0], layer0.get("wq_t", layer0.get("wqkv_t")), layer0["w_gate_up_t"])]
         out[f"{cfg.name} {mesh}"] = {"tokens": [r["token_ids"] for r in res],
                                      "logprobs": [r["logprobs"] for r in res], "shardings": shard}
 print(json.dumps(out))

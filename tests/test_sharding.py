@@ -38,7 +38,7 @@ def test_shardings_are_really_split(sharded_results):
     # 9 heads and 3 kv heads do not divide by 4: heads and cache replicate over
     # `model`, slots split over `data`, the MLP splits over `model`.
     cache_spec, wq_spec, mlp_spec = sharded_results["llama-tiny data=2,model=4"]["shardings"]
-    assert cache_spec == "P('data', None, None, None)"  # one layer's buffer [slots, kv_heads, seq, head_dim]
+    assert cache_spec == "P('data', None, None, None)"  # one layer's key block [slots, kv_heads, head_dim, seq]
     assert "model" not in wq_spec and "'model'" in mlp_spec
     # Gemma-shaped on model=8: 4 heads and 1 kv head replicate, the MLP splits.
     cache_spec, wq_spec, mlp_spec = sharded_results["gemma-tiny data=1,model=8"]["shardings"]

@@ -261,24 +261,44 @@ class Engine:
             var.set_value(placed[path]) if hasattr(var, "set_value") else setattr(var, "value", placed[path])
         return params, layers
 
+    # checkpoint weight -> (engine name, axis order): output features first,
+    # the contracted (input) axis last; see transformer.linear_t.
+    _TRANSPOSED = {
+        "wq": ("wq_t", (1, 2, 0)),  # [D, H, Hd] -> [H, Hd, D]
+        "wk": ("wk_t", (1, 2, 0)),
+        "wv": ("wv_t", (1, 2, 0)),
+        "wo": ("wo_t", (2, 0, 1)),  # [H, Hd, D] -> [D, H, Hd]
+        "w_gate": ("w_gate_t", (1, 0)),  # [D, F] -> [F, D]
+        "w_up": ("w_up_t", (1, 0)),
+        "w_down": ("w_down_t", (1, 0)),  # [F, D] -> [D, F]
+    }
+
     def _fuse_projections(self, lp: dict, sh: dict) -> dict:
-        """Fewer, larger matmuls per layer (each op costs a few microseconds of
-        dispatch on the CPU runtime): gate and up as one ``[D, 2, F]`` weight
-        (the MLP axis keeps its sharding), and q, k, v as one ``[D, heads + 2
-        kv_heads, Hd]`` weight when no mesh axis splits the heads (a split
-        would not follow the q/k/v boundaries)."""
-        def spec_at(name, i):
+        """The engine's layout of one layer's weights: every projection
+        transposed to [out, in] (each keeps its sharding, axes permuted), and
+        fewer, larger matmuls (each op costs a few microseconds of dispatch on
+        the CPU runtime): gate and up as one ``[F, 2, D]`` weight, and q, k, v
+        as one ``[heads + 2 kv_heads, Hd, D]`` weight when no mesh axis splits
+        the heads (a split would not follow the q/k/v boundaries)."""
+        def spec_of(name):
             spec = tuple(sh[name].spec)
-            return spec[i] if i < len(spec) else None
+            return spec + (None,) * (lp[name].ndim - len(spec))
 
         out = dict(lp)
-        gu_sh = NamedSharding(self.mesh, PartitionSpec(spec_at("w_gate", 0), None, spec_at("w_gate", 1)))
-        out["w_gate_up"] = jax.jit(lambda g, u: jnp.stack([g, u], axis=1), out_shardings=gu_sh)(
-            out.pop("w_gate"), out.pop("w_up"))
-        if all(spec_at(n, 1) is None for n in ("wq", "wk", "wv")):
-            qkv_sh = NamedSharding(self.mesh, PartitionSpec(spec_at("wq", 0), None, spec_at("wq", 2)))
-            out["wqkv"] = jax.jit(lambda q, k, v: jnp.concatenate([q, k, v], axis=1), out_shardings=qkv_sh)(
-                out.pop("wq"), out.pop("wk"), out.pop("wv"))
+        specs = {}
+        for name, (new, perm) in self._TRANSPOSED.items():
+            spec = spec_of(name)
+            specs[new] = tuple(spec[i] for i in perm)
+            out[new] = jax.jit(lambda a, perm=perm: a.transpose(perm),
+                               out_shardings=NamedSharding(self.mesh, PartitionSpec(*specs[new])))(out.pop(name))
+        f_axis, d_axis = specs["w_gate_t"]
+        gu_sh = NamedSharding(self.mesh, PartitionSpec(f_axis, None, d_axis))
+        out["w_gate_up_t"] = jax.jit(lambda g, u: jnp.stack([g, u], axis=1), out_shardings=gu_sh)(
+            out.pop("w_gate_t"), out.pop("w_up_t"))
+        if all(specs[n][0] is None for n in ("wq_t", "wk_t", "wv_t")):
+            qkv_sh = NamedSharding(self.mesh, PartitionSpec(*specs["wq_t"]))
+            out["wqkv_t"] = jax.jit(lambda q, k, v: jnp.concatenate([q, k, v]), out_shardings=qkv_sh)(
+                out.pop("wq_t"), out.pop("wk_t"), out.pop("wv_t"))
         return out
 
     def reference_model(self) -> Transformer:
@@ -291,12 +311,13 @@ class Engine:
 
         def unfuse(lp: dict) -> dict:
             lp = dict(lp)
-            if "w_gate_up" in lp:
-                gu = lp.pop("w_gate_up")
-                lp["w_gate"], lp["w_up"] = gu[:, 0], gu[:, 1]
-            if "wqkv" in lp:
-                qkv = lp.pop("wqkv")
-                lp["wq"], lp["wk"], lp["wv"] = qkv[:, :H], qkv[:, H : H + G], qkv[:, H + G :]
+            gu = lp.pop("w_gate_up_t")
+            lp["w_gate_t"], lp["w_up_t"] = gu[:, 0], gu[:, 1]
+            if "wqkv_t" in lp:
+                qkv = lp.pop("wqkv_t")
+                lp["wq_t"], lp["wk_t"], lp["wv_t"] = qkv[:H], qkv[H : H + G], qkv[H + G :]
+            for name, (new, perm) in self._TRANSPOSED.items():
+                lp[name] = lp.pop(new).transpose(np.argsort(perm))
             return lp
 
         plain = [unfuse(lp) for lp in layers]
@@ -309,16 +330,20 @@ class Engine:
         S, V = self.num_slots, self.cfg.vocab_size
         L = self.cfg.num_layers
 
-        def block_sharding(shape):
-            return shd.named_sharding(KVCache.layer_axes(), shape, m, what="kv cache")
+        def block_sharding(axes, shape):
+            return shd.named_sharding(axes, shape, m, what="kv cache")
 
         self._kv_block_sharding = block_sharding
-        blocks = [block_sharding(KVCache.layer_shape(self.cfg, S, n)) for n in self.kv_blocks]
+
+        def blocks(keys):
+            return [block_sharding(KVCache.block_axes(keys), KVCache.block_shape(self.cfg, S, n, keys))
+                    for n in self.kv_blocks]
+
         slot = shd.named_sharding(("slots",), (S,), m, what="slots")
         slot2 = shd.named_sharding(("slots", None), (S, 2), m, what="seeds")
         sv = shd.named_sharding(("slots", "vocab"), (S, V), m, what="token counts")
         samp = SlotSampling(*([slot] * 7), seed=slot2)
-        return DecodeState(KVCache([list(blocks) for _ in range(L)], [list(blocks) for _ in range(L)]),
+        return DecodeState(KVCache([blocks(True) for _ in range(L)], [blocks(False) for _ in range(L)]),
                            slot, slot, samp, sv, sv)
 
     def _init_state(self, cache_dtype) -> DecodeState:

@@ -38,8 +38,12 @@ class KVCache:
     Two layouts of the same numbers:
 
     * per layer, in blocks (what the engine allocates): ``k`` and ``v`` are
-      lists over layers of lists over position blocks, each buffer
-      ``[slots, kv_heads, block, head_dim]``. The unrolled forward updates each
+      lists over layers of lists over position blocks; a value buffer is
+      ``[slots, kv_heads, block, head_dim]`` and a key buffer is transposed,
+      ``[slots, kv_heads, head_dim, block]``, so that q.k^T is a plain
+      [rows, head_dim] x [head_dim, block] product per slot and head (XLA CPU
+      runs it about twice as fast as with keys [block, head_dim], and no
+      transposed copy of the keys is made). The unrolled forward updates each
       block in place and attends to the blocks that cover the span. With block
       boundaries at the attended spans (128, 128, 256, 512, ... positions: the
       engine's choice on CPU), a span is read as whole buffers, never sliced
@@ -72,7 +76,7 @@ class KVCache:
     @property
     def max_len(self) -> int:
         if self.per_layer:
-            return sum(b.shape[-2] for b in self.k[0])
+            return sum(b.shape[-2] for b in self.v[0])
         return self.k.shape[-2]
 
     @staticmethod
@@ -93,6 +97,16 @@ class KVCache:
         return (slots, cfg.num_kv_heads, max_len, cfg.head_dim)
 
     @staticmethod
+    def block_shape(cfg: ModelConfig, slots: int, n: int, keys: bool) -> tuple[int, ...]:
+        """Shape of one per-layer block of n positions: keys transposed."""
+        G, Hd = cfg.num_kv_heads, cfg.head_dim
+        return (slots, G, Hd, n) if keys else (slots, G, n, Hd)
+
+    @staticmethod
+    def block_axes(keys: bool) -> tuple[str, ...]:
+        return ("slots", "kv_heads", "head_dim", "seq") if keys else KVCache.layer_axes()
+
+    @staticmethod
     def axes() -> tuple[str, ...]:
         return ("layers", *KVCache.layer_axes())
 
@@ -110,7 +124,7 @@ class KVCache:
     ) -> "KVCache":
         """Zeros in the stacked layout, or per layer in position blocks of the
         given sizes, summing to max_len (``sharding`` is then a function of a
-        block's shape)."""
+        block's logical axes and shape)."""
         if blocks is None:
             make = jax.jit(lambda: jnp.zeros(cls.shape(cfg, slots, max_len), dtype), out_shardings=sharding)
             return cls(make(), make())
@@ -118,16 +132,36 @@ class KVCache:
             raise ValueError(f"cache blocks {blocks} do not add up to max_len={max_len}")
         makers = {}
         for n in set(blocks):
-            shape = cls.layer_shape(cfg, slots, n)
-            makers[n] = jax.jit(lambda shape=shape: jnp.zeros(shape, dtype),
-                                out_shardings=sharding(shape) if sharding else None)
-        return cls(*([[makers[n]() for n in blocks] for _ in range(cfg.num_layers)] for _ in range(2)))
+            for keys in (True, False):
+                shape, axes = cls.block_shape(cfg, slots, n, keys), cls.block_axes(keys)
+                makers[n, keys] = jax.jit(lambda shape=shape: jnp.zeros(shape, dtype),
+                                          out_shardings=sharding(axes, shape) if sharding else None)
+        return cls(*([[makers[n, keys]() for n in blocks] for _ in range(cfg.num_layers)] for keys in (True, False)))
 
 
-def rms_norm(x: jax.Array, w: jax.Array, eps: float, offset: float) -> jax.Array:
+def rms_norm(x: jax.Array, w: jax.Array, eps: float, offset: float, axis: int = -1) -> jax.Array:
+    """RMSNorm over ``axis`` (-1, or 0 for features-first activations [D, N])."""
     x32 = x.astype(F32)
-    y = x32 * lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-    return (y * (offset + w.astype(F32))).astype(x.dtype)
+    y = x32 * lax.rsqrt(jnp.mean(x32 * x32, axis=axis, keepdims=True) + eps)
+    w = w.astype(F32) if axis == -1 else w.astype(F32).reshape(w.shape + (1,) * (x.ndim - 1))
+    return (y * (offset + w)).astype(x.dtype)
+
+
+def linear_t(w: jax.Array, xt: jax.Array) -> jax.Array:
+    """Features-first projection: w [*out, in] (output features first, the
+    contracted axis last), xt [in, N] -> [*out, N].
+
+    With the weight's contracted axis contiguous, XLA CPU reads a weight matrix
+    at close to the memory bandwidth at one token and runs many tokens as one
+    large-by-small product; both measured faster than x [N, in] @ w [in, out]
+    (scripts/bench_layouts.py)."""
+    out, n = w.shape[:-1], xt.shape[1]
+    w = w.reshape(-1, w.shape[-1])  # free for a row-major buffer; a 2-D operand keeps XLA from relayouting it
+    if n == 1:  # matrix-vector: the vector as the left operand
+        y = jnp.einsum("ni,oi->no", xt.T, w).T
+    else:
+        y = jnp.einsum("oi,in->on", w, xt)
+    return y.reshape(*out, n)
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> np.ndarray:
@@ -258,9 +292,10 @@ class Transformer(nnx.Module):
           per-layer cache the new keys are written first and everything is read
           from the cache, so span must cover the new tokens' positions too.
         layer_params: None runs the layers under ``lax.scan`` over the stacked
-          weights (with a stacked cache). A list of per-layer weight dicts (what
-          :meth:`split_layers` returns) unrolls the layers over those separate
-          buffers (with a per-layer cache). Unrolled compiles slower but runs
+          weights (with a stacked cache). A list of per-layer weight dicts in
+          the transposed layout (what :func:`transposed_layer` returns) unrolls
+          the layers over those separate buffers (with a per-layer cache),
+          features-first. Unrolled compiles slower but runs
           faster: a scan reads each layer's weights through a dynamic slice,
           which XLA CPU materialises, copying every weight on every call.
         Returns hidden [B, T, D] and the cache with the new keys/values written.
@@ -301,27 +336,30 @@ class Transformer(nnx.Module):
 
         rows = (jnp.arange(B, dtype=jnp.int32) if slots is None else slots)[:, None]
         if cache_only:
-            sizes = [b.shape[-2] for b in cache.k[0]]
+            sizes = [b.shape[-2] for b in cache.v[0]]
             starts = np.cumsum([0, *sizes])[:-1].tolist()
             n_read = sum(1 for st in starts if st < span)  # blocks holding positions [0, span)
             # the last block read may be partly covered: read (and slice) just that part
             read_sizes = [min(n, span - st) for st, n in zip(starts[:n_read], sizes[:n_read])]
 
-        def write_blocks(blocks, new, c):
-            """Scatter new keys [B, T, G, Hd] into the blocks that can hold them."""
+        def write_blocks(blocks, new, c, keys):
+            """Scatter new keys or values [B, T, G, Hd] into the blocks that can hold them."""
             positions, rows = c["positions"], c["rows"]
             out = list(blocks)
             for j in range(n_read):
                 local = positions - starts[j]
                 local = jnp.where((local >= 0) & (local < sizes[j]), local, sizes[j])  # elsewhere: dropped
-                out[j] = blocks[j].at[rows, :, local].set(new, mode="drop")
+                # indices split by slices: the [B, T] index dims come first in the update either way
+                at = blocks[j].at[rows, :, :, local] if keys else blocks[j].at[rows, :, local]
+                out[j] = at.set(new, mode="drop")
             return out
 
-        def read_block(b, n, slots):
-            """[B, G, n, Hd] of these rows: the whole buffer when every slot and
-            position is read (no copy), else a slice or a gather."""
-            if n < b.shape[2]:
-                b = b[:, :, :n]
+        def read_block(b, n, slots, keys):
+            """These rows' first n positions, [B, G, Hd, n] (keys) or [B, G, n, Hd]:
+            the whole buffer when every slot and position is read (no copy), else
+            a slice or a gather."""
+            if n < b.shape[3 if keys else 2]:
+                b = b[..., :n] if keys else b[:, :, :n]
             if slots is not None:
                 return b[slots]
             return b if B == b.shape[0] else b[:B]
@@ -341,23 +379,33 @@ class Transformer(nnx.Module):
             k: v[...] for k, v in vars(self.layers).items() if isinstance(v, nnx.Param)
         }
 
-        def layer(x, xs, bufs=None, c=None):
+        H = cfg.num_heads
+
+        def layer(x, xs, bufs=None, c=None, t=False):
             """One layer. Under scan, reads layer ``idx`` of the stacked cache and
             returns the new keys/values; unrolled, gets this layer's own buffers
             ``bufs``, writes the new keys/values first and then reads them back
             (the read depends on the write, so XLA updates in place, no copy).
-            ``c`` holds the per-call arrays (positions, masks, rope tables)."""
+            ``c`` holds the per-call arrays (positions, masks, rope tables).
+            ``t``: features-first -- x is [D, B*T] and the weights are the
+            engine's transposed ones (names ending ``_t``, see :func:`linear_t`)."""
             p, idx, local = xs
             c = c or ctx
             positions, slots = c["positions"], c["slots"]
             new_mask, new_win, old_mask, old_win = c["new_mask"], c["new_win"], c["old_mask"], c["old_win"]
             rope_local, rope_global = c["rope_local"], c["rope_global"]
             local = jnp.asarray(local)
-            h = rms_norm(x, p["attn_norm"], eps, off)
-            if "wqkv" in p:  # fused by the engine: [D, heads + 2 kv_heads, Hd], one matmul
-                qkv = jnp.einsum("btd,dhk->bthk", h, p["wqkv"])
-                H = cfg.num_heads
-                q, k, v = qkv[:, :, :H], qkv[:, :, H : H + G], qkv[:, :, H + G :]
+            ax = 0 if t else -1
+            h = rms_norm(x, p["attn_norm"], eps, off, ax)
+            if t:
+                def tokens_first(a):  # [heads, Hd, B*T] -> [B, T, heads, Hd]
+                    return a.reshape(a.shape[0], Hd, B, T).transpose(2, 3, 0, 1)
+
+                if "wqkv_t" in p:  # [heads + 2 kv_heads, Hd, D]: one matmul
+                    qkv = tokens_first(linear_t(p["wqkv_t"], h))
+                    q, k, v = qkv[:, :, :H], qkv[:, :, H : H + G], qkv[:, :, H + G :]
+                else:
+                    q, k, v = (tokens_first(linear_t(p[n], h)) for n in ("wq_t", "wk_t", "wv_t"))
             else:
                 q = jnp.einsum("btd,dhk->bthk", h, p["wq"])
                 k = jnp.einsum("btd,dgk->btgk", h, p["wk"])
@@ -380,11 +428,11 @@ class Transformer(nnx.Module):
                 return jnp.where(mask[:, None, :, None, :], s * cfg.attn_scale, -1e30)
 
             if cache_only:  # write, then one softmax over [0, span) of the updated blocks
-                bufs = (write_blocks(bufs[0], k, c), write_blocks(bufs[1], v, c))
-                keys = [read_block(b, n, slots) for b, n in zip(bufs[0], read_sizes)]  # each [B, G, n, Hd]
-                vals = [read_block(b, n, slots) for b, n in zip(bufs[1], read_sizes)]
+                bufs = (write_blocks(bufs[0], k, c, True), write_blocks(bufs[1], v, c, False))
+                keys = [read_block(b, n, slots, True) for b, n in zip(bufs[0], read_sizes)]  # each [B, G, Hd, n]
+                vals = [read_block(b, n, slots, False) for b, n in zip(bufs[1], read_sizes)]  # each [B, G, n, Hd]
                 m_old = old_mask & (old_win | ~local) if window else old_mask
-                raw = [jnp.einsum("btgrk,bgsk->bgtrs", qg, kb.astype(q.dtype), preferred_element_type=F32)
+                raw = [jnp.einsum("btgrk,bgks->bgtrs", qg, kb.astype(q.dtype), preferred_element_type=F32)
                        for kb in keys]
                 s_all = raw[0] if len(raw) == 1 else jnp.concatenate(raw, axis=-1)
                 probs = jax.nn.softmax(jnp.where(m_old[:, None, :, None, :], s_all * cfg.attn_scale, -1e30), axis=-1)
@@ -408,22 +456,29 @@ class Transformer(nnx.Module):
                     attn += jnp.einsum(
                         "bgtrs,bgsk->bgtrk", probs[..., :span].astype(vals.dtype), vals, preferred_element_type=F32
                     )
-            attn = attn.transpose(0, 2, 1, 3, 4).reshape(B, T, cfg.num_heads, Hd).astype(x.dtype)
-            out = jnp.einsum("bthk,hkd->btd", attn, p["wo"])
+            if t:  # attn [B, G, T, R, Hd] -> [H * Hd, B * T]
+                wo = p["wo_t"]  # [D, H, Hd]: the contracted axes are contiguous, the reshape is free
+                out = linear_t(wo.reshape(wo.shape[0], -1), attn.transpose(1, 3, 4, 0, 2).reshape(H * Hd, B * T).astype(x.dtype))
+            else:
+                attn = attn.transpose(0, 2, 1, 3, 4).reshape(B, T, H, Hd).astype(x.dtype)
+                out = jnp.einsum("bthk,hkd->btd", attn, p["wo"])
             if cfg.post_norms:
-                out = rms_norm(out, p["post_attn_norm"], eps, off)
+                out = rms_norm(out, p["post_attn_norm"], eps, off, ax)
             x = x + out
-            h = rms_norm(x, p["mlp_norm"], eps, off)
-            if "w_gate_up" in p:  # fused by the engine: [D, 2, F], one matmul
-                gu = jnp.einsum("btd,dcf->btcf", h, p["w_gate_up"])
-                gate, up = gu[:, :, 0], gu[:, :, 1]
+            h = rms_norm(x, p["mlp_norm"], eps, off, ax)
+            if t:  # [F, 2, D]: gate and up as one matmul (F first keeps its sharding when merged with 2)
+                gu = linear_t(p["w_gate_up_t"], h)
+                gate, up = gu[:, 0], gu[:, 1]
             else:
                 gate = jnp.einsum("btd,df->btf", h, p["w_gate"])
                 up = jnp.einsum("btd,df->btf", h, p["w_up"])
             act = jax.nn.silu(gate) if cfg.activation == "silu" else jax.nn.gelu(gate, approximate=True)
-            out = jnp.einsum("btf,fd->btd", act * up, p["w_down"])
+            if t:
+                out = linear_t(p["w_down_t"], act * up)
+            else:
+                out = jnp.einsum("btf,fd->btd", act * up, p["w_down"])
             if cfg.post_norms:
-                out = rms_norm(out, p["post_mlp_norm"], eps, off)
+                out = rms_norm(out, p["post_mlp_norm"], eps, off, ax)
             return x + out, (k, v) if bufs is None else bufs
 
         if layer_params is None:
@@ -442,14 +497,16 @@ class Transformer(nnx.Module):
         # slice of a stacked array is ever taken, so none is copied.
         # Each layer is a nested jit (one per layer kind): traced and lowered once,
         # called for every layer, so tracing time does not grow with depth.
-        layer_jit = jax.jit(lambda x, p, bufs, c, local: layer(x, (p, None, local), bufs, c), static_argnums=4)
+        # The residual stream runs features-first, [D, B*T] (see linear_t).
+        layer_jit = jax.jit(lambda x, p, bufs, c, local: layer(x, (p, None, local), bufs, c, True), static_argnums=4)
+        x = x.reshape(B * T, -1).T
         new_k, new_v = [], []
         for i, p in enumerate(layer_params):
             bufs = None if cache is None else (cache.k[i], cache.v[i])
             x, (k, v) = layer_jit(x, p, bufs, ctx, cfg.layer_kinds[i] == "local")
             new_k.append(k)
             new_v.append(v)
-        x = rms_norm(x, self.final_norm[...], eps, off)
+        x = rms_norm(x.T.reshape(B, T, -1), self.final_norm[...], eps, off)
         return x, (KVCache(new_k, new_v) if cache is not None else None)
 
 
