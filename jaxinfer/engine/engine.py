@@ -399,8 +399,9 @@ class Engine:
             )
             return ds, out
 
-        def decode(params, ds: DecodeState, active, *, span, rows, greedy_only):
-            """One step for slots [0, rows); active: bool [rows]."""
+        def decode(params, ds: DecodeState, active, want_top, *, span, rows, greedy_only):
+            """One step for slots [0, rows); active: bool [rows]; want_top: bool, any
+            active slot asked for top logprobs."""
             model, layers = nnx.merge(graphdef, params[0]), params[1]
             head = lambda a: a[:rows]  # noqa: E731
             lengths = head(ds.lengths)
@@ -408,7 +409,8 @@ class Engine:
             hidden, cache = model(head(ds.tokens)[:, None], positions, ds.cache, None, span, layer_params=layers)
             logits = model.logits(hidden[:, 0])
             counts, seen = head(ds.counts), head(ds.seen)
-            out = sample(logits, jax.tree.map(head, ds.sampling), counts, seen, lengths + 1, greedy_only=greedy_only)
+            out = sample(logits, jax.tree.map(head, ds.sampling), counts, seen, lengths + 1, greedy_only=greedy_only,
+                         want_top=want_top)
             r = jnp.arange(rows)
             inc = active.astype(jnp.int32)
             ds = DecodeState(
@@ -430,7 +432,8 @@ class Engine:
         }
         self._decode_jit = {
             (rows, span, greedy): jax.jit(
-                lambda p, ds, a, span=span, rows=rows, g=greedy: decode(p, ds, a, span=span, rows=rows, greedy_only=g),
+                lambda p, ds, a, w, span=span, rows=rows, g=greedy: decode(p, ds, a, w, span=span, rows=rows,
+                                                                          greedy_only=g),
                 donate_argnums=1,
                 out_shardings=out_sh,
             )
@@ -501,7 +504,7 @@ class Engine:
             exe = self._prefill_jit[span].lower(self.params, self.state, *self._args_prefill(1, n)).compile()
         else:
             mask = np.zeros(n, np.bool_)
-            exe = self._decode_jit[(n, span, greedy)].lower(self.params, self.state, mask).compile()
+            exe = self._decode_jit[(n, span, greedy)].lower(self.params, self.state, mask, np.bool_(False)).compile()
         self._compiled[key] = exe
         label = f"{kind} {'T' if kind == 'prefill' else 'rows'}={n} span={span}" + (" greedy" if greedy else "")
         self.compile_seconds[label] = time.perf_counter() - t0
@@ -578,7 +581,8 @@ class Engine:
         span = _round_up(longest + 1, self.spans)  # cached positions and the new token's
         greedy = not any(self._sampled[active])
         self.last_decode_variant = (rows, span)
-        self.state, out = self._exe(("decode", rows, span, greedy))(self.params, self.state, mask)
+        want_top = np.bool_(any(self._want_top.get(s, 0) > 0 for s in active))
+        self.state, out = self._exe(("decode", rows, span, greedy))(self.params, self.state, mask, want_top)
         self._host_len[active] += 1
         return _Step(out, active, dict(self._want_top))
 

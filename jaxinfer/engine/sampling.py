@@ -151,17 +151,36 @@ def _slot_key(seed, pos):
     return jax.random.fold_in(key, pos)
 
 
-def sample(logits, s: SlotSampling, counts, seen, positions, *, greedy_only: bool = False) -> Sampled:
+def sample(logits, s: SlotSampling, counts, seen, positions, *, greedy_only: bool = False,
+           want_top=None) -> Sampled:
     """Sample one token per row. logits [B, V] f32 (raw model output); s, counts,
     seen: rows for these B sequences; positions [B]: position the sampled token
     will occupy (mixed into the slot's random key). ``greedy_only`` (static)
     compiles without the sampling code, for batches whose every row is greedy:
-    on CPU its mere presence costs more than the rest of this function."""
-    logprobs = jax.nn.log_softmax(logits, axis=-1)
-    top_lp, top_ids = jax.lax.top_k(logprobs, min(MAX_TOP_LOGPROBS, logits.shape[-1]))
-    x = apply_penalties(logits, s, counts, seen)
-    greedy_tok = argmax_first(x)
+    on CPU its mere presence costs more than the rest of this function.
+    ``want_top`` (a traced bool, or None for always): whether any row asked for
+    the top-N alternatives; when false they are zeros and the top-k over the
+    vocabulary is skipped at run time (same program either way). Penalties are
+    skipped the same way when no row sets one.
 
+    Log-probabilities are gathered as logit - logsumexp: no [B, V] array of
+    them is ever written."""
+    B, V = logits.shape
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    n_top = min(MAX_TOP_LOGPROBS, V)
+
+    def top(lg):
+        v, i = jax.lax.top_k(lg, n_top)
+        return v - lse[:, None], i.astype(jnp.int32)
+
+    if want_top is None:
+        top_lp, top_ids = top(logits)
+    else:
+        top_lp, top_ids = jax.lax.cond(
+            want_top, top, lambda lg: (jnp.zeros((B, n_top), F32), jnp.zeros((B, n_top), jnp.int32)), logits)
+    penalised = jnp.any((s.repetition_penalty != 1.0) | (s.presence_penalty != 0.0) | (s.frequency_penalty != 0.0))
+    x = jax.lax.cond(penalised, lambda lg: apply_penalties(lg, s, counts, seen), lambda lg: lg, logits)
+    greedy_tok = argmax_first(x)
 
     def draw(x):
         temp = jnp.where(s.temperature > 0, s.temperature, 1.0)[:, None]
@@ -179,5 +198,5 @@ def sample(logits, s: SlotSampling, counts, seen, positions, *, greedy_only: boo
     else:
         sampled = jax.lax.cond(jnp.any(s.temperature > 0), draw, lambda x: greedy_tok, x)
         token = jnp.where(s.temperature > 0, sampled, greedy_tok)
-    lp = jnp.take_along_axis(logprobs, token[:, None], axis=-1)[:, 0]
-    return Sampled(token, lp, top_ids.astype(jnp.int32), top_lp)
+    lp = jnp.take_along_axis(logits, token[:, None], axis=-1)[:, 0] - lse
+    return Sampled(token, lp, top_ids, top_lp)
