@@ -83,11 +83,12 @@ def main() -> None:
     k_cols = [k.transpose(0, 1, 3, 2).copy() for k in k_rows]
     a = best_ms(lambda q, ks: [jnp.einsum("btgrk,bgsk->bgtrs", q, k) for k in ks], q, k_rows, repeat=args.repeat)
     b = best_ms(lambda q, ks: [jnp.einsum("btgrk,bgks->bgtrs", q, k) for k in ks], q, k_cols, repeat=args.repeat)
-    diff = float(jnp.abs(jnp.einsum("btgrk,bgsk->bgtrs", q, k_rows[0]) - jnp.einsum("btgrk,bgks->bgtrs", q, k_cols[0])).max())
+    diff = float(jnp.abs(jnp.einsum("btgrk,bgsk->bgtrs", q, k_rows[0])
+                         - jnp.einsum("btgrk,bgks->bgtrs", q, k_cols[0])).max())
     rows.append((f"q.k^T, {S} slots x {reps} blocks of {blk}", "keys [block, Hd]", a, "keys [Hd, block]", b, diff))
 
     print(f"backend: {jax.default_backend()}, devices: {jax.device_count()}")
-    print(f"| case | layout A | ms | layout B | ms | A / B | max diff |")
+    print("| case | layout A | ms | layout B | ms | A / B | max diff |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for case, la, ta, lb, tb, d in rows:
         print(f"| {case} | {la} | {ta:.2f} | {lb} | {tb:.2f} | {ta / tb:.2f}x | {d:.1e} |")

@@ -9,8 +9,11 @@ The forward pass attends over the cached positions of each row (the first
 values into the cache. Prefill (many tokens, few slots), chunked prefill (a
 chunk at an offset), decode (one token, a prefix of the slots) and scoring (no
 cache) are the same function with different shapes, so they cannot drift apart.
-Layers run under ``lax.scan`` over weights stacked on a leading ``layers`` axis,
-which keeps compile time flat in depth.
+The plain call runs the layers under ``lax.scan`` over weights stacked on a
+leading ``layers`` axis (the checkpoint layout). The engine's call unrolls them
+over one buffer per layer, with the residual stream features-first ([D, tokens])
+and every projection weight stored [out, in] (:func:`linear_t`), keys cached
+transposed: the layouts XLA CPU runs fastest (scripts/bench_layouts.py).
 """
 
 from __future__ import annotations
@@ -458,7 +461,8 @@ class Transformer(nnx.Module):
                     )
             if t:  # attn [B, G, T, R, Hd] -> [H * Hd, B * T]
                 wo = p["wo_t"]  # [D, H, Hd]: the contracted axes are contiguous, the reshape is free
-                out = linear_t(wo.reshape(wo.shape[0], -1), attn.transpose(1, 3, 4, 0, 2).reshape(H * Hd, B * T).astype(x.dtype))
+                attn = attn.transpose(1, 3, 4, 0, 2).reshape(H * Hd, B * T).astype(x.dtype)
+                out = linear_t(wo.reshape(wo.shape[0], -1), attn)
             else:
                 attn = attn.transpose(0, 2, 1, 3, 4).reshape(B, T, H, Hd).astype(x.dtype)
                 out = jnp.einsum("bthk,hkd->btd", attn, p["wo"])
