@@ -19,7 +19,9 @@
   run unrolled. XLA CPU copies any slice it takes of a buffer: under a scan
   over stacked weights, every decode step copied every weight, and reading a
   span of a longer cache copied the span. q/k/v and gate/up are fused into one
-  matmul each where the sharding allows.
+  matmul each where the sharding allows, every projection is stored [out, in]
+  and the residual stream runs features-first (``transformer.linear_t``); key
+  blocks are transposed, [slots, kv_heads, head_dim, block].
 """
 
 from __future__ import annotations
