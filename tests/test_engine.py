@@ -110,15 +110,26 @@ def test_batch_equals_alone(engine: Engine):
 
 
 def test_cache_is_donated(engine: Engine):
-    old = jax.tree.leaves(engine.state.cache)
-    blocks = len(engine.state.cache.k[0])
-    assert blocks == len(engine.spans) and len(old) == 2 * engine.cfg.num_layers * blocks  # blocks end at the spans
-    engine.prefill(1, prompt_of(4), SamplingParams())
-    assert all(b.is_deleted() for b in old), "prefill must consume every donated cache buffer"
+    """Each call donates the cache blocks its span reads and consumes them (updated
+    in place, no second copy); blocks past the span are passed through untouched."""
+    c = engine.state.cache
+    blocks = len(c.k[0])
+    assert blocks == len(engine.spans) and len(jax.tree.leaves(c)) == 2 * engine.cfg.num_layers * blocks
+    first = [layer[0] for layer in c.k + c.v]
+    later = [b for layer in c.k + c.v for b in layer[1:]]
+    engine.prefill(1, prompt_of(4), SamplingParams())  # span 32: the first block only
+    assert all(b.is_deleted() for b in first), "prefill must consume every donated cache buffer"
+    new = engine.state.cache
+    assert not any(b.is_deleted() for b in later)
+    assert all(a is b for a, b in zip(later, [b for layer in new.k + new.v for b in layer[1:]]))
+    mid = jax.tree.leaves(new)
+    engine.prefill(2, prompt_of(70), SamplingParams())  # in chunks; the last one spans every block
+    assert all(b.is_deleted() for b in mid), "a full-span prefill must consume every cache buffer"
     mid = jax.tree.leaves(engine.state.cache)
-    engine.decode([1]).result()
+    engine.decode([1, 2]).result()  # slot 2 holds 70 positions: span 128, every block
     assert all(b.is_deleted() for b in mid), "decode must consume every donated cache buffer"
     engine.release(1)
+    engine.release(2)
 
 
 def test_no_recompilation_while_serving(engine: Engine):
