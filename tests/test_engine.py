@@ -92,6 +92,29 @@ def test_one_block_cache_equals_span_blocks(engine: Engine):
         np.testing.assert_allclose(x["logprobs"], y["logprobs"], atol=1e-5)
 
 
+def test_multi_step_decode_equals_single_steps(engine: Engine):
+    """decode(active, steps=3) -- three steps in one device loop -- gives the same
+    tokens, logprobs and top alternatives as three one-step calls, for a seeded
+    sampled slot and a greedy one, across a span boundary (positions 30..35)."""
+    eng = Engine(make_model(engine.cfg), dataclasses.replace(ENGINE_CFG, decode_steps=3, lazy_compile=True))
+    sampled, greedy = SamplingParams(temperature=0.9, seed=4, logprobs=5), SamplingParams(logprobs=2)
+    prompt = prompt_of(30, 31)
+    firsts = [eng.prefill(slot, prompt, p) for slot, p in ((0, sampled), (1, sampled), (2, greedy), (3, greedy))]
+    assert firsts[0] == firsts[1] and firsts[2] == firsts[3]
+    single = [eng.decode([0, 3]).result() for _ in range(6)]
+    multi = [r for _ in range(2) for r in eng.decode([1, 2], steps=3).results()]
+    assert eng.last_decode_variant[1] == 64 and eng.slot_length(1) == 36
+    for one, many in zip(single, multi):  # logprobs within float noise: the spans differ (32 then 64, or 64)
+        for a, b in ((one[0], many[1]), (one[3], many[2])):
+            assert a.token == b.token and a.top_ids == b.top_ids
+            np.testing.assert_allclose([a.logprob, *a.top_logprobs], [b.logprob, *b.top_logprobs], atol=1e-5)
+    assert len({one[0].token for one in single}) > 1  # not a constant stream
+    with pytest.raises(ValueError, match="decode_steps=3"):
+        eng.decode([1], steps=2)
+    with pytest.raises(ValueError, match="results"):
+        eng.decode([1], steps=3).result()
+
+
 def test_batch_equals_alone(engine: Engine):
     """Greedy and seeded requests give the same tokens alone and beside others."""
     reqs = [

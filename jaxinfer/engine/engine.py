@@ -27,6 +27,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import time
@@ -76,6 +77,10 @@ class EngineConfig:
     # Decode compiles for these prefixes of the slots (and all slots), so a
     # lightly loaded server does not pay for every slot.
     decode_rows: tuple[int, ...] = (1, 4, 16)
+    # Also compile decode programs that run this many steps per dispatch (a
+    # device loop over the one-step body; 1: none). Drivers call
+    # ``decode(active, steps=k)`` and drop tokens past a stop.
+    decode_steps: int = 1
     score_chunk: int = 128  # positions per logits chunk when scoring
     seed: int = 0  # seed for requests that give none
     # Compile a variant on first use instead of failing (scripts and the CLI;
@@ -141,27 +146,39 @@ def _round_up(n: int, buckets: Sequence[int]) -> int:
 
 
 class _Step:
-    """Handle of a dispatched decode step; ``result()`` blocks."""
+    """Handle of a dispatched decode call; ``result()`` (one step) and
+    ``results()`` (every step of a multi-step call) block."""
 
-    def __init__(self, out: Sampled, active: Sequence[int], want_top: dict[int, int]):
-        self._out, self._active, self._want_top = out, list(active), want_top
+    def __init__(self, out: Sampled, active: Sequence[int], want_top: dict[int, int], steps: int = 0):
+        # steps: 0 for a one-step call (outputs [rows]), else k (outputs [k, rows])
+        self._out, self._active, self._want_top, self._steps = out, list(active), want_top, steps
 
     def result(self) -> dict[int, SlotToken]:
-        token = np.asarray(self._out.token)
-        lp = np.asarray(self._out.logprob)
+        if self._steps:
+            raise ValueError(f"a {self._steps}-step decode call: use results()")
+        return self.results()[0]
+
+    def results(self) -> list[dict[int, SlotToken]]:
+        """Per step, slot -> token."""
+        lead = (lambda a: a) if self._steps else (lambda a: a[None])  # noqa: E731
+        token = lead(np.asarray(self._out.token))
+        lp = lead(np.asarray(self._out.logprob))
         need_top = any(self._want_top.get(s, 0) for s in self._active)
-        top_ids = np.asarray(self._out.top_ids) if need_top else None
-        top_lp = np.asarray(self._out.top_logprobs) if need_top else None
-        res = {}
-        for s in self._active:
-            n = self._want_top.get(s, 0)
-            res[s] = SlotToken(
-                int(token[s]),
-                float(lp[s]),
-                tuple(int(i) for i in top_ids[s, :n]) if n else (),
-                tuple(float(v) for v in top_lp[s, :n]) if n else (),
-            )
-        return res
+        top_ids = lead(np.asarray(self._out.top_ids)) if need_top else None
+        top_lp = lead(np.asarray(self._out.top_logprobs)) if need_top else None
+        out = []
+        for i in range(token.shape[0]):
+            res = {}
+            for s in self._active:
+                n = self._want_top.get(s, 0)
+                res[s] = SlotToken(
+                    int(token[i, s]),
+                    float(lp[i, s]),
+                    tuple(int(j) for j in top_ids[i, s, :n]) if n else (),
+                    tuple(float(v) for v in top_lp[i, s, :n]) if n else (),
+                )
+            out.append(res)
+        return out
 
 
 class Engine:
@@ -457,6 +474,21 @@ class Engine:
         def out_sh(span):  # the state a call gets and returns holds only the blocks its span reads
             return (self._head(sh, span), Sampled(rep, rep, rep, rep))
 
+        def decode_k(params, ds: DecodeState, active, want_top, *, span, rows, greedy_only, steps):
+            """``steps`` decode steps in one program: a device loop over the
+            one-step body, each step's sampled token feeding the next. Returns
+            every step's output, stacked on a leading [steps] axis."""
+            one = functools.partial(decode, span=span, rows=rows, greedy_only=greedy_only)
+            shapes = jax.eval_shape(one, params, ds, active, want_top)[1]
+            outs = jax.tree.map(lambda a: jnp.zeros((steps, *a.shape), a.dtype), shapes)
+
+            def body(i, carry):
+                ds, outs = carry
+                ds, out = one(params, ds, active, want_top)
+                return ds, jax.tree.map(lambda buf, o: buf.at[i].set(o), outs, out)
+
+            return jax.lax.fori_loop(0, steps, body, (ds, outs))
+
         self._prefill_jit = {
             span: jax.jit(
                 lambda p, ds, *a, span=span: prefill(p, ds, *a, span=span), donate_argnums=1,
@@ -475,6 +507,18 @@ class Engine:
             for span in self.spans
             for greedy in (True, False)
         }
+        k = ecfg.decode_steps
+        self._decode_k_jit = {
+            (rows, span, greedy): jax.jit(
+                lambda p, ds, a, w, span=span, rows=rows, g=greedy: decode_k(p, ds, a, w, span=span, rows=rows,
+                                                                            greedy_only=g, steps=k),
+                donate_argnums=1,
+                out_shardings=out_sh(span),
+            )
+            for rows in self.decode_rows
+            for span in self.spans
+            for greedy in (True, False)
+        } if k > 1 else {}
 
         def score(params, tokens, targets):
             model, layers = nnx.merge(graphdef, params[0]), params[1]
@@ -529,7 +573,9 @@ class Engine:
         """Every executable serving can need: ("prefill", bucket, span, False) and
         ("decode", rows, span, greedy_only)."""
         todo = [("prefill", t, s, False) for t, s in self.prefill_variants()]
-        return todo + [("decode", r, s, g) for r in self.decode_rows for s in self.spans for g in (True, False)]
+        kinds = ("decode", "decode_k") if self.config.decode_steps > 1 else ("decode",)
+        return todo + [(kind, r, s, g) for kind in kinds for r in self.decode_rows for s in self.spans
+                       for g in (True, False)]
 
     def _compile_variant(self, key: tuple[str, int, int, bool]):
         kind, n, span, greedy = key
@@ -539,10 +585,12 @@ class Engine:
                                                 *self._args_prefill(1, n)).compile()
         else:
             mask = np.zeros(n, np.bool_)
-            exe = self._decode_jit[(n, span, greedy)].lower(self.params, self._head(self.state, span), mask,
-                                                            np.bool_(False)).compile()
+            jits = self._decode_jit if kind == "decode" else self._decode_k_jit
+            exe = jits[(n, span, greedy)].lower(self.params, self._head(self.state, span), mask,
+                                                np.bool_(False)).compile()
         self._compiled[key] = exe
-        label = f"{kind} {'T' if kind == 'prefill' else 'rows'}={n} span={span}" + (" greedy" if greedy else "")
+        steps = f" steps={self.config.decode_steps}" if kind == "decode_k" else ""
+        label = f"{kind} {'T' if kind == 'prefill' else 'rows'}={n} span={span}{steps}" + (" greedy" if greedy else "")
         self.compile_seconds[label] = time.perf_counter() - t0
         return exe, label
 
@@ -606,21 +654,29 @@ class Engine:
             return None
         return _Step(out, [0], {0: params.logprobs}).result()[0]
 
-    def decode(self, active: Sequence[int]) -> _Step:
+    def decode(self, active: Sequence[int], steps: int = 1) -> _Step:
+        """Dispatch one decode step for the active slots (or ``steps`` of them in
+        one program, when the engine was built with ``decode_steps=steps``).
+        Returns at once; the handle's ``result()`` / ``results()`` block."""
         active = list(active)
+        if steps not in (1, self.config.decode_steps):
+            raise ValueError(f"steps={steps}: this engine decodes 1 or decode_steps={self.config.decode_steps} "
+                             "steps per dispatch")
         rows = _round_up(max(active, default=0) + 1, self.decode_rows)
         mask = np.zeros(rows, np.bool_)
         mask[active] = True
         longest = int(self._host_len[active].max()) if active else 0
-        if longest >= self.max_len:
-            raise ValueError(f"a slot reached max_len={self.max_len}; the driver must stop it first")
-        span = _round_up(longest + 1, self.spans)  # cached positions and the new token's
+        if longest + steps > self.max_len:
+            raise ValueError(f"a slot would pass max_len={self.max_len} within {steps} step(s); "
+                             "the driver must stop it first")
+        span = _round_up(longest + steps, self.spans)  # cached positions and the new tokens'
         greedy = not any(self._sampled[active])
         self.last_decode_variant = (rows, span)
         want_top = np.bool_(any(self._want_top.get(s, 0) > 0 for s in active))
-        out = self._call(("decode", rows, span, greedy), span, mask, want_top)
-        self._host_len[active] += 1
-        return _Step(out, active, dict(self._want_top))
+        kind = "decode" if steps == 1 else "decode_k"
+        out = self._call((kind, rows, span, greedy), span, mask, want_top)
+        self._host_len[active] += steps
+        return _Step(out, active, dict(self._want_top), steps if steps > 1 else 0)
 
     def release(self, slot: int) -> None:
         self._host_len[slot] = 0
