@@ -18,7 +18,9 @@ Pipeline::
       3. admit     waiting requests into free slots, first come first served
       4. prefill   at most `prefill_budget` prompt tokens per iteration, in pieces of at most
                    engine.prefill_chunk, so a long prompt's chunks interleave with decode steps and
-                   running streams keep flowing; the last chunk samples the request's first token
+                   running streams keep flowing; the last chunk samples the request's first token.
+                   A run of short whole prompts goes in one call (engine.prefill_many, up to
+                   engine.prefill_rows of them) where the engine offers it
       5. dispatch  engine.decode(slots that may still produce a token) -- returns at once
       6. read      the PREVIOUS step's handle.result() while the device runs step 5, then update:
                    eos / stop_token_ids / stop strings (held off until min_tokens) / max_tokens
@@ -309,6 +311,9 @@ class Scheduler:
         self.num_slots = int(engine.num_slots)
         self._chunk = max(1, int(engine.prefill_chunk))
         self._budget = max(1, int(limits.prefill_budget or self._chunk))
+        # several whole short prompts per prefill call, where the engine can
+        self._many_limit = int(getattr(engine, "prefill_many_limit", 0)) if hasattr(engine, "prefill_many") else 0
+        self._many_rows = int(getattr(engine, "prefill_rows", 1))
 
         self._lock = threading.Lock()
         self._cv = threading.Condition(self._lock)
@@ -585,7 +590,18 @@ class Scheduler:
 
     def _prefill(self) -> None:
         spent = 0
-        for seq in [s for s in self._running if s.state == _PREFILLING]:
+        pending = [s for s in self._running if s.state == _PREFILLING]
+        while pending:
+            group = self._group(pending, spent)
+            if len(group) > 1:
+                n = sum(s.prompt_len for s in group)
+                if spent and spent + n > self._budget:
+                    return
+                self._prefill_group(group)
+                spent += n
+                del pending[: len(group)]
+                continue
+            seq = pending.pop(0)
             while seq.state == _PREFILLING:
                 start = seq.prefilled
                 n = min(self._chunk, seq.prompt_len - start)
@@ -608,6 +624,43 @@ class Scheduler:
                         self._finish(seq, "error", message="engine returned no token for the last prefill chunk")
                     else:
                         self._apply(seq, first)
+
+    def _group(self, pending: list[_Seq], spent: int) -> list[_Seq]:
+        """The leading run of whole, short prompts the engine can prefill in one
+        call (engines with ``prefill_many``), within this iteration's budget."""
+        limit, rows = self._many_limit, self._many_rows
+        group: list[_Seq] = []
+        for seq in pending:
+            if len(group) == rows or seq.prefilled or seq.prompt_len > limit:
+                break
+            if group and spent + sum(s.prompt_len for s in group) + seq.prompt_len > self._budget:
+                break
+            group.append(seq)
+        return group
+
+    def _prefill_group(self, group: list[_Seq]) -> None:
+        try:
+            firsts = self.engine.prefill_many([(s.slot, s.req.prompt_ids, s.req.sampling) for s in group])
+        except Exception:
+            # one bad prompt must not fail the others: retry each alone, so only it ends in error
+            log.exception("prefill of %d prompts failed; prefilling them one at a time", len(group))
+            firsts = []
+            for seq in group:
+                try:
+                    firsts.append(self.engine.prefill(seq.slot, seq.req.prompt_ids, seq.req.sampling))
+                except Exception as e:
+                    log.exception("request_id=%s prefill failed", seq.rid)
+                    self._finish(seq, "error", message=f"prefill failed: {e}")
+                    firsts.append(None)
+        for seq, first in zip(group, firsts):
+            if seq.state != _PREFILLING:
+                continue
+            seq.prefilled = seq.prompt_len
+            seq.state = _DECODING
+            if first is None:
+                self._finish(seq, "error", message="engine returned no token for the prompt")
+            else:
+                self._apply(seq, first)
 
     def _dispatch(self) -> bool:
         owners = {

@@ -41,6 +41,7 @@ class Result:
     param_bytes: int
     prefill: list[dict] = field(default_factory=list)
     decode: list[dict] = field(default_factory=list)
+    grouped_prefill: dict = field(default_factory=dict)
     targets: dict = field(default_factory=dict)
 
 
@@ -113,6 +114,18 @@ def jax_prefill(engine, n: int, repeat: int) -> float:
 
     prompt = list(np.random.default_rng(n).integers(10, 1000, n))
     return timeit(lambda: engine.prefill(0, prompt, SamplingParams()), repeat)
+
+
+def jax_grouped_prefill(engine, n: int, tokens: int, repeat: int) -> tuple[float, float]:
+    """Seconds to prefill n whole prompts of `tokens` each: n one-prompt calls,
+    and one prefill_many call."""
+    from jaxinfer.engine.types import SamplingParams
+
+    prompts = [list(np.random.default_rng(100 + i).integers(10, 1000, tokens)) for i in range(n)]
+    items = [(i, p, SamplingParams()) for i, p in enumerate(prompts)]
+    one = timeit(lambda: [engine.prefill(*it) for it in items], repeat)
+    many = timeit(lambda: engine.prefill_many(items), repeat)
+    return one, many
 
 
 def jax_decode(engine, batch: int, ctx: int, steps: int) -> float:
@@ -259,10 +272,17 @@ def main(argv=None) -> int:
         model=cfg.name, dtype=args.dtype, bandwidth_gbs=bw / 1e9, matmul_gflops=peak / 1e9, param_bytes=param_bytes,
     )
     work = [("prefill", n, 0) for n in prefills] + [("decode", b, c) for c in contexts for b in batches]
+    work.append(("grouped", 4, 32))
     bar = tqdm(work, desc="benchmark", unit="case", file=sys.stderr)
     engines = {}
     for kind, a, b in bar:
         bar.set_postfix_str(f"{kind} {a} {b}")
+        if kind == "grouped":  # a prompts of b tokens: one call each, or one prefill_many call
+            eng = build_engine(args, a, 256, ckpt)
+            one, many = jax_grouped_prefill(eng, a, b, args.repeat)
+            res.grouped_prefill = {"prompts": a, "tokens": b, "separate_s": one, "grouped_s": many,
+                                   "speedup": one / many}
+            continue
         if kind == "prefill":
             max_len = 1 << (a).bit_length()  # room for the prompt + one token
             eng = engines.get(("p", max_len)) or build_engine(args, 1, max_len, ckpt)
@@ -332,6 +352,10 @@ def print_table(res: Result, with_hf: bool) -> None:
     for r in res.prefill:
         hf = f"{r['transformers_s'] * 1e3:15.1f}  {r['speedup']:6.2f}x" if with_hf else f"{'-':>15}  {'-':>7}"
         print(f"{'':9} {r['tokens']:6d}  {r['jaxinfer_s'] * 1e3:11.1f}  {hf}  {r['tflops']:7.3f}")
+    g = res.grouped_prefill
+    if g:
+        print(f"\nprefill of {g['prompts']} prompts x {g['tokens']} tokens: {g['separate_s'] * 1e3:.1f} ms in "
+              f"{g['prompts']} calls, {g['grouped_s'] * 1e3:.1f} ms in one prefill_many call ({g['speedup']:.2f}x)")
     print("\ndecode  batch  context  step ms   tok/s  roofline tok/s  bound    of roofline  transformers tok/s  speedup")
     for r in res.decode:
         hf = f"{r['transformers_tok_s']:18.1f}  {r['speedup']:6.2f}x" if with_hf else f"{'-':>18}  {'-':>7}"

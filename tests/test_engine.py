@@ -115,6 +115,36 @@ def test_multi_step_decode_equals_single_steps(engine: Engine):
         eng.decode([1], steps=3).result()
 
 
+def test_prefill_many_equals_one_at_a_time(engine: Engine):
+    """Three prompts prefilled in one call (a fourth, padding row writes
+    nothing) give the same first tokens, logprobs and following decode steps as
+    three separate prefills, and leave another slot's sequence alone."""
+    prompts = [prompt_of(5, 41), prompt_of(16, 42), prompt_of(9, 43)]
+    params = [SamplingParams(logprobs=3), SamplingParams(temperature=0.8, seed=9, logprobs=2),
+              SamplingParams(temperature=1.0, top_k=20, repetition_penalty=1.2)]
+    assert engine.prefill_many_limit == 16 and engine.config.prefill_rows == 4
+
+    def run(together: bool):
+        bystander = engine.prefill(1, prompt_of(20, 44), SamplingParams(logprobs=1))
+        items = list(zip((0, 2, 3), prompts, params))
+        firsts = engine.prefill_many(items) if together else [engine.prefill(*it) for it in items]
+        steps = [engine.decode([0, 1, 2, 3]).result() for _ in range(4)]
+        for slot in range(4):
+            engine.release(slot)
+        return [bystander, *firsts] + [t for step in steps for t in step.values()]
+
+    together, alone = run(True), run(False)
+    assert [t.token for t in together] == [t.token for t in alone]
+    assert [t.top_ids for t in together] == [t.top_ids for t in alone]
+    np.testing.assert_allclose([t.logprob for t in together], [t.logprob for t in alone], atol=1e-5)
+    with pytest.raises(ValueError, match="at most 16 tokens"):
+        engine.prefill_many([(0, prompt_of(17), SamplingParams()), (1, prompt_of(3), SamplingParams())])
+    with pytest.raises(ValueError, match="distinct"):
+        engine.prefill_many([(0, prompt_of(3), SamplingParams()), (0, prompt_of(3), SamplingParams())])
+    with pytest.raises(ValueError, match="prefill_rows=4"):
+        engine.prefill_many([(i, prompt_of(3), SamplingParams()) for i in range(5)])
+
+
 def test_batch_equals_alone(engine: Engine):
     """Greedy and seeded requests give the same tokens alone and beside others."""
     reqs = [

@@ -194,6 +194,29 @@ class FakeEngine:
         return sum(s is not None for s in self.state)
 
 
+class GroupingFakeEngine(FakeEngine):
+    """A FakeEngine that also prefills up to 3 whole prompts of <= 4 tokens in one call."""
+
+    prefill_rows, prefill_many_limit = 3, 4
+    hold: threading.Event | None = None  # a one-prompt prefill waits for it (once)
+
+    def prefill(self, slot, tokens, params, *, start=0, last=True):
+        hold, self.hold = self.hold, None
+        if hold is not None:
+            hold.wait(10)
+        return super().prefill(slot, tokens, params, start=start, last=last)
+
+    def prefill_many(self, items):
+        self._on_thread()
+        items = [(slot, list(tokens), params) for slot, tokens, params in items]
+        self.calls.append(("prefill_many", tuple(slot for slot, _, _ in items), time.monotonic()))
+        self._check(1 <= len(items) <= self.prefill_rows, f"prefill_many: {len(items)} prompts")
+        self._check(all(len(t) <= self.prefill_many_limit for _, t, _ in items), "prefill_many: prompt too long")
+        if any(self.fail_prefill_token in t for _, t, _ in items):
+            raise RuntimeError("injected prefill failure")
+        return [FakeEngine.prefill(self, slot, t, params) for slot, t, params in items]
+
+
 def expected(prompt_ids: Sequence[int], max_tokens: int, eos: bool = True) -> list[int]:
     out, t = [], prompt_ids[-1]
     for _ in range(max_tokens):
@@ -407,6 +430,37 @@ def test_long_prompt_chunks_interleave_with_running_decode():
     assert rest[-1].finish_reason == "length" and rest[-1].usage.completion_tokens == 80
     assert_idle(s)
     s.close()
+
+
+def test_short_whole_prompts_share_one_prefill_call():
+    """A run of short whole prompts admitted together is prefilled in one
+    prefill_many call (at most prefill_rows, within the budget); a long prompt
+    breaks the run and is chunked as usual. When a group's call fails, its
+    prompts are retried one at a time, so only the bad one ends in error."""
+    eng = GroupingFakeEngine(num_slots=8, max_len=64, prefill_chunk=8, fail_prefill_token=90)
+    hold = eng.hold = threading.Event()
+    s = make(eng, prefill_budget=64)
+    blocker = s.submit(Request((9,) * 5, max_tokens=3, ignore_eos=True))  # slot 0; its prefill waits for hold
+    wait_for(lambda: eng.hold is None)  # the loop is inside that prefill: the next ones are admitted together
+    prompts = [(11, 12, 13), (21, 22), (31, 32, 33, 34), (41,), (5,) * 10, (61, 62), (71, 90)]
+    streams = [s.submit(Request(p, max_tokens=3, ignore_eos=True)) for p in prompts]
+    hold.set()
+    try:
+        results = [collect(st) for st in streams]
+        assert collect(blocker)[3].finish_reason == "length"
+    finally:
+        s.close()
+    for p, (_, out, _, last) in zip(prompts[:6], results):
+        assert last.finish_reason == "length" and out == expected(p, 3, eos=False)
+    last = results[6][3]
+    assert last.finish_reason == "error" and "injected prefill failure" in last.message
+    groups = [c[1] for c in eng.calls if c[0] == "prefill_many"]
+    assert groups == [(1, 2, 3), (6, 7)]  # 3 per call; slot 4 alone before the 10-token prompt (slot 5)
+    alone = [c[1] for c in eng.calls if c[0] == "prefill" and c[2] == 0]
+    assert alone == [0, 1, 2, 3, 4, 5, 6, 7]  # this fake's group call runs prefill per prompt; 6, 7 retried
+    long = [c for c in eng.calls if c[0] == "prefill" and c[1] == 5]
+    assert [c[2:5] for c in long] == [(0, 8, False), (8, 2, True)]
+    assert eng.violations == [] and eng.active_slots() == 0
 
 
 def test_slot_reuse_with_pipelined_decode_drops_stale_tokens():

@@ -34,6 +34,9 @@ def add_model_args(p: argparse.ArgumentParser, *, slots: int = 8, max_len: int =
     g.add_argument("--prefill-buckets", default=None, metavar="N,N,...",
                    help="prompt-length buckets to compile; the largest is the chunk size for longer prompts "
                    "(default 32,128,512)")
+    g.add_argument("--prefill-rows", type=int, default=None, metavar="N",
+                   help="whole prompts shorter than the largest bucket are prefilled up to N per call "
+                   "(compiles one N-row program per smaller bucket; 1 = one prompt per call; default 4)")
 
 
 def build_engine(args: argparse.Namespace, *, lazy_compile: bool):
@@ -47,6 +50,8 @@ def build_engine(args: argparse.Namespace, *, lazy_compile: bool):
                        memory_budget_bytes=parse_size(args.kv_cache_memory) if args.kv_cache_memory else None)
     if args.prefill_buckets:
         cfg = dataclasses.replace(cfg, prefill_buckets=tuple(int(x) for x in args.prefill_buckets.split(",")))
+    if getattr(args, "prefill_rows", None) is not None:
+        cfg = dataclasses.replace(cfg, prefill_rows=args.prefill_rows)
     engine = Engine.from_checkpoint(path, mesh=args.mesh, dtype=args.dtype, config=cfg)
     engine.checkpoint_path = path
     log.info("%s", engine.describe())
