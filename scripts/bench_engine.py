@@ -309,16 +309,25 @@ def main(argv=None) -> int:
             n_params = param_bytes / np.dtype(args.dtype).itemsize
             attn_flops = 4 * batch * (ctx + 1) * cfg.num_layers * cfg.num_heads * cfg.head_dim
             step_flops = 2 * batch * n_params + attn_flops
-            roof_step = max(step_bytes / bw, step_flops / peak)
             row = {"batch": batch, "context": ctx, "step_ms": t * 1e3, "tok_s": batch / t,
-                   "roofline_tok_s": batch / roof_step, "roofline_frac": roof_step / t,
-                   "mbu": step_bytes / bw / t,  # model-bandwidth utilisation
-                   "bound": "memory" if step_bytes / bw >= step_flops / peak else "compute",
                    "bytes_per_step": step_bytes, "flops_per_step": step_flops}
             if hf is not None:
                 th = hf_decode(hf, batch, ctx, args.steps)
                 row.update(transformers_tok_s=batch / th, speedup=th / t)
             res.decode.append(row)
+
+    # The machine's bandwidth drifts over minutes on a shared VM (42-80 GB/s seen
+    # here): measure again at the end, and hold every step to the better of the two.
+    bw_end = measure_bandwidth()
+    res.machine["bandwidth_gbs_start_end"] = [bw / 1e9, bw_end / 1e9]
+    bw = max(bw, bw_end)
+    res.bandwidth_gbs = bw / 1e9
+    for row in res.decode:
+        t, step_bytes, step_flops = row["step_ms"] / 1e3, row["bytes_per_step"], row["flops_per_step"]
+        roof_step = max(step_bytes / bw, step_flops / peak)
+        row.update(roofline_tok_s=row["batch"] / roof_step, roofline_frac=roof_step / t,
+                   mbu=step_bytes / bw / t,  # model-bandwidth utilisation
+                   bound="memory" if step_bytes / bw >= step_flops / peak else "compute")
 
     # targets from the engine issue (CPU, SmolLM2 float32)
     d1 = {r["context"]: r for r in res.decode if r["batch"] == 1}
@@ -346,7 +355,8 @@ def main(argv=None) -> int:
 
 def print_table(res: Result, with_hf: bool) -> None:
     print(f"\n{res.model} {res.dtype} on {res.machine['backend']} ({res.machine['cpus']} cpus); "
-          f"read bandwidth {res.bandwidth_gbs:.1f} GB/s; matmul {res.matmul_gflops:.0f} GFLOP/s; "
+          f"read bandwidth {res.bandwidth_gbs:.1f} GB/s (best of start/end: "
+          f"{'/'.join(f'{x:.1f}' for x in res.machine.get('bandwidth_gbs_start_end', []))}); matmul {res.matmul_gflops:.0f} GFLOP/s; "
           f"weights {res.param_bytes / 2**20:.0f} MiB")
     print("\nprefill   tokens  jaxinfer ms  transformers ms  speedup  TFLOP/s")
     for r in res.prefill:
