@@ -9,7 +9,10 @@ rests on (SmolLM2-135M shapes, float32, random values):
     against activations features-first and the weights [out, in] (the engine's,
     see jaxinfer.model.transformer.linear_t);
   * q.k^T of one decode step for 32 slots over one 128-position cache block,
-    with keys stored [block, head_dim] against transposed, [head_dim, block].
+    with keys stored [block, head_dim] against transposed, [head_dim, block];
+    and with the keys as the left operand (k^T.q) against the right (q.k^T);
+  * probs.v of one decode step, values stored [head_dim, block] against
+    [block, head_dim] (the cache's).
 
 Prints a table (min of several runs; the ratio is what carries across machines).
 
@@ -86,6 +89,18 @@ def main() -> None:
     diff = float(jnp.abs(jnp.einsum("btgrk,bgsk->bgtrs", q, k_rows[0])
                          - jnp.einsum("btgrk,bgks->bgtrs", q, k_cols[0])).max())
     rows.append((f"q.k^T, {S} slots x {reps} blocks of {blk}", "keys [block, Hd]", a, "keys [Hd, block]", b, diff))
+    a = best_ms(lambda q, ks: [jnp.einsum("bgks,btgrk->bgtsr", k, q) for k in ks], q, k_cols, repeat=args.repeat)
+    diff = float(jnp.abs(jnp.einsum("bgks,btgrk->bgtsr", k_cols[0], q).swapaxes(-1, -2)
+                         - jnp.einsum("btgrk,bgks->bgtrs", q, k_cols[0])).max())
+    rows.append((f"q.k^T, {S} slots x {reps} blocks of {blk}", "k^T.q (keys as lhs)", a, "q.k^T", b, diff))
+    p = jax.nn.softmax(jax.random.normal(keys[-3], (S, G, 1, R, blk)), axis=-1)
+    v_rows, v_cols = k_rows, k_cols  # values [block, Hd] (the cache's) or [Hd, block]
+    b = best_ms(lambda p, vs: [jnp.einsum("bgtrs,bgsk->bgtrk", p, v) for v in vs], p, v_rows, repeat=args.repeat)
+    a = best_ms(lambda p, vs: [jnp.einsum("bgtrs,bgks->bgtrk", p, v) for v in vs], p, v_cols, repeat=args.repeat)
+    diff = float(jnp.abs(jnp.einsum("bgtrs,bgsk->bgtrk", p, v_rows[0])
+                         - jnp.einsum("bgtrs,bgks->bgtrk", p, v_cols[0])).max())
+    rows.append((f"probs.v, {S} slots x {reps} blocks of {blk}", "values [Hd, block]", a, "values [block, Hd]", b,
+                 diff))
 
     print(f"backend: {jax.default_backend()}, devices: {jax.device_count()}")
     print("| case | layout A | ms | layout B | ms | A / B | max diff |")
