@@ -95,6 +95,11 @@ class EngineProtocol(Protocol):
     ``decode`` dispatches one step for the given active slots and returns at once;
     the handle's ``result()`` blocks. Calling ``decode`` again before reading the
     previous result is allowed (the device feeds sampled tokens back itself).
+
+    Optional: an engine with ``prefill_many(items)`` (items: (slot, whole prompt,
+    params)), ``prefill_many_limit`` (longest prompt it takes) and ``prefill_rows``
+    (most prompts per call) gets runs of short prompts admitted together in one
+    call; the scheduler falls back to ``prefill`` without them.
     """
 
     num_slots: int
