@@ -25,8 +25,16 @@ for cfg in (LLAMA_TINY, GEMMA_TINY):
         prompts = [prompt_of(n, seed=n) for n in (5, 40, 17)]
         res = eng.generate(prompts, [SamplingParams(), SamplingParams(), SamplingParams(temperature=0.9, seed=3)],
                            max_tokens=12, ignore_eos=True)
+        # three short prompts in one prefill call (a padding row writes to no slot), then 3 steps
+        items = [(i, prompt_of(n, seed=50 + n), SamplingParams(temperature=0.7 * i, seed=i, logprobs=2))
+                 for i, n in enumerate((3, 16, 9))]
+        many = [[t.token, t.logprob] for t in eng.prefill_many(items)]
+        for _ in range(3):
+            many += [[t.token, t.logprob] for t in eng.decode([0, 1, 2]).result().values()]
+        for i in range(3):
+            eng.release(i)
         layer0 = eng.params[1][0]
         shard = [str(x.sharding.spec) for x in (eng.state.cache.k[0][0], layer0.get("wq_t", layer0.get("wqkv_t")), layer0["w_gate_up_t"])]
         out[f"{cfg.name} {mesh}"] = {"tokens": [r["token_ids"] for r in res],
-                                     "logprobs": [r["logprobs"] for r in res], "shardings": shard}
+                                     "logprobs": [r["logprobs"] for r in res], "shardings": shard, "many": many}
 print(json.dumps(out))

@@ -31,6 +31,9 @@ def test_sharded_equals_single_device(sharded_results, model, mesh):
     assert got["tokens"] == ref["tokens"]
     for a, b in zip(got["logprobs"], ref["logprobs"]):
         np.testing.assert_allclose(a, b, atol=1e-4)
+    # prefill_many (slots split over `data` on data=2) and the decode steps after it
+    assert [t for t, _ in got["many"]] == [t for t, _ in ref["many"]]
+    np.testing.assert_allclose([lp for _, lp in got["many"]], [lp for _, lp in ref["many"]], atol=1e-4)
 
 
 def test_shardings_are_really_split(sharded_results):
