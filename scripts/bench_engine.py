@@ -42,6 +42,7 @@ class Result:
     prefill: list[dict] = field(default_factory=list)
     decode: list[dict] = field(default_factory=list)
     grouped_prefill: dict = field(default_factory=dict)
+    multi_step: list[dict] = field(default_factory=list)
     targets: dict = field(default_factory=dict)
 
 
@@ -105,7 +106,8 @@ def build_engine(args, slots: int, max_len: int, ckpt):
 
     buckets = tuple(b for b in (32, 128, 512) if b < max_len)  # the default: longer prompts go in 512-token chunks
     cfg = EngineConfig(slots=slots, max_len=max_len, prefill_buckets=buckets or (max_len // 2,),
-                       decode_rows=tuple(int(b) for b in args.batches.split(",")), lazy_compile=True)
+                       decode_rows=tuple(int(b) for b in args.batches.split(",")), lazy_compile=True,
+                       decode_steps=getattr(args, "decode_steps", 1))
     return Engine(Transformer(ckpt.config, params=ckpt.params), cfg, mesh=args.mesh_obj)
 
 
@@ -126,6 +128,42 @@ def jax_grouped_prefill(engine, n: int, tokens: int, repeat: int) -> tuple[float
     one = timeit(lambda: [engine.prefill(*it) for it in items], repeat)
     many = timeit(lambda: engine.prefill_many(items), repeat)
     return one, many
+
+
+def jax_multi_step(engine, batch: int, ctx: int, k: int, tokens: int = 32) -> dict:
+    """Seconds per token with one step per decode call and with k steps per
+    call, each both pipelined (calls dispatched back to back, as the scheduler
+    does) and awaited (each call's result read before the next). Every timing
+    starts from freshly prefilled slots at context ``ctx``."""
+    from jaxinfer.engine.types import SamplingParams
+
+    active = list(range(batch))
+
+    def fresh():
+        for s in active:
+            engine.release(s)
+            engine.prefill(s, list(np.random.default_rng(s).integers(10, 1000, ctx)), SamplingParams())
+
+    row = {"batch": batch, "context": ctx, "k": k}
+    for steps in (1, k):
+        fresh()
+        engine.decode(active, steps).results()  # compile / warm
+        calls = tokens // steps
+        for mode in ("pipelined", "awaited"):
+            times = []
+            for _ in range(3):
+                fresh()
+                t0 = time.perf_counter()
+                for _ in range(calls):
+                    h = engine.decode(active, steps)
+                    if mode == "awaited":
+                        h.results()
+                h.results()
+                times.append((time.perf_counter() - t0) / (calls * steps))
+            row[f"{mode}_ms_{steps}"] = float(np.median(times)) * 1e3
+    for s in active:
+        engine.release(s)
+    return row
 
 
 def jax_decode(engine, batch: int, ctx: int, steps: int) -> float:
@@ -229,6 +267,9 @@ def main(argv=None) -> int:
     p.add_argument("--contexts", default="128,1024", help="decode context lengths")
     p.add_argument("--steps", type=int, default=8, help="decode steps per timing")
     p.add_argument("--repeat", type=int, default=3, help="timings per prefill size (median)")
+    p.add_argument("--decode-steps", type=int, default=1, metavar="K",
+                   help="also time K decode steps per call against one, pipelined and awaited, at the "
+                   "smallest and largest batch (default 1: skip)")
     p.add_argument("--no-hf", action="store_true", help="skip transformers (e.g. on a GPU, or with --preset)")
     p.add_argument("--quick", action="store_true", help="smoke run: small sizes, few steps")
     p.add_argument("--json", default="bench_engine.json", help="write results here")
@@ -273,10 +314,20 @@ def main(argv=None) -> int:
     )
     work = [("prefill", n, 0) for n in prefills] + [("decode", b, c) for c in contexts for b in batches]
     work.append(("grouped", 4, 32))
+    if args.decode_steps > 1:
+        work += [("steps", b, min(contexts)) for b in sorted({min(batches), max(batches)})]
     bar = tqdm(work, desc="benchmark", unit="case", file=sys.stderr)
     engines = {}
     for kind, a, b in bar:
         bar.set_postfix_str(f"{kind} {a} {b}")
+        if kind == "steps":  # one decode step per call against decode_steps per call
+            max_len = max(2 * max(contexts), 256)
+            key = ("d", max(batches), max_len)
+            if key not in engines:
+                engines.pop(next((k for k in engines if k[0] == "d"), None), None)
+                engines[key] = build_engine(args, max(batches), max_len, ckpt)
+            res.multi_step.append(jax_multi_step(engines[key], a, b, args.decode_steps))
+            continue
         if kind == "grouped":  # a prompts of b tokens: one call each, or one prefill_many call
             eng = build_engine(args, a, 256, ckpt)
             one, many = jax_grouped_prefill(eng, a, b, args.repeat)
@@ -366,6 +417,11 @@ def print_table(res: Result, with_hf: bool) -> None:
     if g:
         print(f"\nprefill of {g['prompts']} prompts x {g['tokens']} tokens: {g['separate_s'] * 1e3:.1f} ms in "
               f"{g['prompts']} calls, {g['grouped_s'] * 1e3:.1f} ms in one prefill_many call ({g['speedup']:.2f}x)")
+    for m in res.multi_step:
+        k = m["k"]
+        print(f"\ndecode batch {m['batch']}, context {m['context']}, ms/token: one step per call "
+              f"{m['pipelined_ms_1']:.2f} pipelined / {m['awaited_ms_1']:.2f} awaited; {k} steps per call "
+              f"{m[f'pipelined_ms_{k}']:.2f} / {m[f'awaited_ms_{k}']:.2f}")
     print("\ndecode  batch  context  step ms   tok/s  roofline tok/s  bound    of roofline  transformers tok/s  speedup")
     for r in res.decode:
         hf = f"{r['transformers_tok_s']:18.1f}  {r['speedup']:6.2f}x" if with_hf else f"{'-':>18}  {'-':>7}"
