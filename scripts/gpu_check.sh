@@ -28,7 +28,7 @@ python3 -m pytest -q -x -p no:cacheprovider "${tests[@]}" 2>&1 | tail -5
 unset JAX_DEFAULT_MATMUL_PRECISION
 
 echo "== engine benchmark"
-python3 scripts/bench_engine.py "${bench[@]}" --json "$OUT/bench_engine.json" 2>"$OUT/bench_engine.log"
+python3 scripts/bench_engine.py "${bench[@]}" --decode-steps 4 --json "$OUT/bench_engine.json" 2>"$OUT/bench_engine.log"
 python3 - "$OUT/bench_engine.json" <<'PY'
 import json, sys
 r = json.load(open(sys.argv[1]))
