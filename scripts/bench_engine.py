@@ -20,6 +20,7 @@ Absolute times on a shared CPU are noisy; ratios measured in the same run hold.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -67,14 +68,14 @@ def measure_bandwidth(seconds: float = 2.0) -> float:
     return x.nbytes / best
 
 
-def measure_matmul_flops(seconds: float = 2.0) -> float:
-    """Matmul FLOP/s: the best of a jitted square float32 matmul, large enough
-    to be compute-bound (the compute roofline of a large decode batch)."""
+def measure_matmul_flops(seconds: float = 2.0, dtype: str = "float32") -> float:
+    """Matmul FLOP/s: the best of a jitted square matmul in the model's dtype,
+    large enough to be compute-bound (the compute roofline of a large decode batch)."""
     import jax
     import jax.numpy as jnp
 
     n = 2048 if jax.default_backend() == "cpu" else 8192
-    a = jnp.ones((n, n), jnp.float32)
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32).astype(dtype)
     f = jax.jit(lambda x: x @ x)
     f(a).block_until_ready()
     best, t_end = float("inf"), time.perf_counter() + seconds
@@ -305,40 +306,48 @@ def main(argv=None) -> int:
         hf = load_hf(ckpt.path)
 
     bw = measure_bandwidth()
-    peak = measure_matmul_flops()
+    peak = measure_matmul_flops(dtype=args.dtype)
     param_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(ckpt.params))
     res = Result(
         machine={"platform": platform.platform(), "cpus": os.cpu_count(), "backend": jax.default_backend(),
                  "devices": [str(d) for d in jax.devices()][:8], "jax": jax.__version__},
         model=cfg.name, dtype=args.dtype, bandwidth_gbs=bw / 1e9, matmul_gflops=peak / 1e9, param_bytes=param_bytes,
     )
-    work = [("prefill", n, 0) for n in prefills] + [("decode", b, c) for c in contexts for b in batches]
-    work.append(("grouped", 4, 32))
+    # grouped before the decode cases, so that one engine is alive at a time
+    # (an 8B model's weights plus a 256-slot cache fill most of a GPU)
+    work = [("prefill", n, 0) for n in prefills] + [("grouped", 4, 32)]
+    work += [("decode", b, c) for c in contexts for b in batches]
     if args.decode_steps > 1:
         # each timing refills the slots, so keep the batch modest (a GPU run goes to 256)
         work += [("steps", b, min(contexts)) for b in sorted({min(batches), max(b for b in batches if b <= 64)})]
     bar = tqdm(work, desc="benchmark", unit="case", file=sys.stderr)
-    engines = {}
+    held: dict = {}
+
+    def engine_for(key, slots, max_len):
+        """The engine of `key`, built on first use; the one built before it is
+        dropped first, so that only one engine's weights and cache are alive."""
+        if key not in held:
+            held.clear()
+            gc.collect()
+            held[key] = build_engine(args, slots, max_len, ckpt)
+        return held[key]
+
+    decode_len = max(2 * max(contexts), 256)
     for kind, a, b in bar:
         bar.set_postfix_str(f"{kind} {a} {b}")
         if kind == "steps":  # one decode step per call against decode_steps per call
-            max_len = max(2 * max(contexts), 256)
-            key = ("d", max(batches), max_len)
-            if key not in engines:
-                engines.pop(next((k for k in engines if k[0] == "d"), None), None)
-                engines[key] = build_engine(args, max(batches), max_len, ckpt)
-            res.multi_step.append(jax_multi_step(engines[key], a, b, args.decode_steps))
-            continue
-        if kind == "grouped":  # a prompts of b tokens: one call each, or one prefill_many call
-            eng = build_engine(args, a, 256, ckpt)
+            eng = engine_for("decode", max(batches), decode_len)
+            res.multi_step.append(jax_multi_step(eng, a, b, args.decode_steps))
+            tqdm.write(f"steps batch {a} ctx {b}: {res.multi_step[-1]}", file=sys.stderr)
+        elif kind == "grouped":  # a prompts of b tokens: one call each, or one prefill_many call
+            eng = engine_for("grouped", a, 256)
             one, many = jax_grouped_prefill(eng, a, b, args.repeat)
             res.grouped_prefill = {"prompts": a, "tokens": b, "separate_s": one, "grouped_s": many,
                                    "speedup": one / many}
-            continue
-        if kind == "prefill":
+            tqdm.write(f"grouped: {res.grouped_prefill}", file=sys.stderr)
+        elif kind == "prefill":
             max_len = 1 << (a).bit_length()  # room for the prompt + one token
-            eng = engines.get(("p", max_len)) or build_engine(args, 1, max_len, ckpt)
-            engines[("p", max_len)] = eng
+            eng = engine_for(("prefill", max_len), 1, max_len)
             t = jax_prefill(eng, a, args.repeat)
             row = {"tokens": a, "jaxinfer_s": t, "jaxinfer_tok_s": a / t}
             if hf is not None:
@@ -347,14 +356,10 @@ def main(argv=None) -> int:
             flops = 2 * a * param_bytes / np.dtype(args.dtype).itemsize
             row["tflops"] = flops / t / 1e12
             res.prefill.append(row)
+            tqdm.write(f"prefill: {row}", file=sys.stderr)
         else:
             batch, ctx = a, b
-            max_len = max(2 * max(contexts), 256)
-            key = ("d", max(batches), max_len)
-            if key not in engines:
-                engines.pop(next((k for k in engines if k[0] == "d"), None), None)
-                engines[key] = build_engine(args, max(batches), max_len, ckpt)
-            eng = engines[key]
+            eng = engine_for("decode", max(batches), decode_len)
             t = jax_decode(eng, batch, ctx, args.steps)
             kv_read = batch * (ctx + 1) * KVCache.bytes_per_token(cfg, eng.state.cache.dtype)
             step_bytes = param_bytes + kv_read
@@ -367,6 +372,9 @@ def main(argv=None) -> int:
                 th = hf_decode(hf, batch, ctx, args.steps)
                 row.update(transformers_tok_s=batch / th, speedup=th / t)
             res.decode.append(row)
+            tqdm.write(f"decode: {row}", file=sys.stderr)
+        del eng
+        Path(args.json).write_text(json.dumps(asdict(res), indent=2))  # partial results, should a run be cut short
 
     # The machine's bandwidth drifts over minutes on a shared VM (42-80 GB/s seen
     # here): measure again at the end, and hold every step to the better of the two.

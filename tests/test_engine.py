@@ -28,7 +28,9 @@ GEMMA_TINY = dataclasses.replace(
     vocab_size=512, head_dim=16, query_pre_attn_scalar=16.0, sliding_window=16,
     layer_types=gemma3_layer_types(6), max_position_embeddings=512,
 )
-ENGINE_CFG = EngineConfig(slots=4, max_len=128, prefill_buckets=(16, 32), min_span=32)
+# span_blocks=True on every platform (the CPU default) so the layout the block
+# tests look at is the same on a GPU; the one-block layout is tested beside it.
+ENGINE_CFG = EngineConfig(slots=4, max_len=128, prefill_buckets=(16, 32), min_span=32, span_blocks=True)
 
 
 def make_model(cfg, seed=0) -> Transformer:
