@@ -64,7 +64,7 @@ if r["decode"]:
 if r["prefill"]:
     p = r["prefill"][-1]
     print(f"prefill {p['tokens']} tokens: {p['jaxinfer_s'] * 1e3:.1f} ms, {p['tflops']:.1f} TFLOP/s "
-          f"(matmul peak measured {r["matmul_gflops"] / 1e3:.1f} TFLOP/s)")
+          f"(matmul peak measured {r['matmul_gflops'] / 1e3:.1f} TFLOP/s)")
 for m in r.get("multi_step", []):
     print(f"decode batch {m['batch']}: ms/token one step per call {m['pipelined_ms_1']:.2f} pipelined / "
           f"{m['awaited_ms_1']:.2f} awaited; {m['k']} steps per call {m['pipelined_ms_' + str(m['k'])]:.2f} / "
