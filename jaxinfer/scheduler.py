@@ -21,7 +21,8 @@ Pipeline::
                    running streams keep flowing; the last chunk samples the request's first token.
                    A run of short whole prompts goes in one call (engine.prefill_many, up to
                    engine.prefill_rows of them) where the engine offers it
-      5. dispatch  engine.decode(slots that may still produce a token) -- returns at once
+      5. dispatch  engine.decode(slots that may still produce a token) -- returns at once; k steps
+                   in one call where the engine has decode_steps = k > 1 and every slot has room
       6. read      the PREVIOUS step's handle.result() while the device runs step 5, then update:
                    eos / stop_token_ids / stop strings (held off until min_tokens) / max_tokens
                    -> incremental detokenize; text is held back while it could still be the
@@ -36,7 +37,8 @@ is never dispatched past its own token limit, so the cache is never written beyo
 Failures stay local: an exception while prefilling or updating one request ends that request with
 finish_reason "error" and a message; a failing decode step ends the requests in that step. The
 loop itself never dies silently: on an unexpected error it fails what it holds and goes on.
-Cancellation and deadlines free the slot within one iteration (one decode step). drain() stops
+Cancellation and deadlines free the slot within one iteration (one decode call: one step, or
+k with decode_steps = k). drain() stops
 admitting, lets queued and running requests finish within a grace period, then cancels the rest.
 """
 
@@ -261,6 +263,7 @@ class _Seq:
 class _Step:
     handle: StepHandle
     owners: dict[int, _Seq]  # slot -> sequence that owned it at dispatch
+    steps: int = 1  # decode steps in this call (results() holds one dict per step)
 
 
 @dataclass
@@ -314,6 +317,9 @@ class Scheduler:
         # several whole short prompts per prefill call, where the engine can
         self._many_limit = int(getattr(engine, "prefill_many_limit", 0)) if hasattr(engine, "prefill_many") else 0
         self._many_rows = int(getattr(engine, "prefill_rows", 1))
+        # k decode steps per dispatch where the engine offers it (see _dispatch)
+        self._k = max(1, int(getattr(engine, "decode_steps", 1) or 1))
+        self._cache_len = int(engine.max_len)
 
         self._lock = threading.Lock()
         self._cv = threading.Condition(self._lock)
@@ -668,35 +674,41 @@ class Scheduler:
         }
         if not owners:
             return False
+        # k steps in one call when every slot has room for them in the cache; a
+        # sequence that stops within the k steps ignores the tokens after its stop
+        k = self._k
+        if k > 1 and any(s.prompt_len + s.dispatched + k > self._cache_len for s in owners.values()):
+            k = 1
         try:
-            handle = self.engine.decode(sorted(owners))
+            handle = self.engine.decode(sorted(owners), k) if k > 1 else self.engine.decode(sorted(owners))
         except Exception as e:
             log.exception("decode dispatch failed")
             for s in owners.values():
                 self._finish(s, "error", message=f"decode step failed: {e}")
             return False
         for s in owners.values():
-            s.dispatched += 1
-        self._inflight.append(_Step(handle, owners))
+            s.dispatched += k
+        self._inflight.append(_Step(handle, owners, k))
         return True
 
     def _read(self, step: _Step) -> None:
         try:
-            results = step.handle.result()
+            per_step = step.handle.results() if step.steps > 1 else [step.handle.result()]
         except Exception as e:
             log.exception("decode step failed")
             for slot, s in step.owners.items():
                 if s.state == _DECODING and self._slots[slot] is s:
                     self._finish(s, "error", message=f"decode step failed: {e}")
             return
-        for slot, s in step.owners.items():
-            if s.state != _DECODING or self._slots[slot] is not s:
-                continue  # finished or replaced since this step was dispatched: a stale token
-            token = results.get(slot)
-            if token is None:
-                self._finish(s, "error", message=f"engine returned no token for slot {slot}")
-            else:
-                self._apply(s, token)
+        for results in per_step:
+            for slot, s in step.owners.items():
+                if s.state != _DECODING or self._slots[slot] is not s:
+                    continue  # finished or replaced since this step was dispatched: a stale token
+                token = results.get(slot)
+                if token is None:
+                    self._finish(s, "error", message=f"engine returned no token for slot {slot}")
+                else:
+                    self._apply(s, token)
 
     def _apply(self, seq: _Seq, st: SlotToken) -> None:
         """One generated token: stop conditions, detokenize, emit."""

@@ -117,6 +117,60 @@ def test_multi_step_decode_equals_single_steps(engine: Engine):
         eng.decode([1], steps=3).result()
 
 
+def test_scheduler_with_multi_step_decode_equals_single_steps():
+    """The scheduler and Engine.generate over an engine with decode_steps=3
+    give the same tokens and logprobs as single steps, for greedy and seeded
+    sampled requests whose lengths are not multiples of 3, one of them stopped
+    by a stop token inside a 3-step call."""
+    from jaxinfer.scheduler import Request, Scheduler, SchedulerLimits
+
+    class Tok:  # the scheduler's view of a tokenizer; text is not compared here
+        eos_ids, vocab_size = (), LLAMA_TINY.vocab_size
+
+    class Detok:
+        def __init__(self, tok):
+            pass
+
+        def add(self, ids):
+            return ""
+
+        def flush(self):
+            return ""
+
+    one = Engine(make_model(LLAMA_TINY, seed=5), dataclasses.replace(ENGINE_CFG, lazy_compile=True))
+    eng = Engine(make_model(LLAMA_TINY, seed=5), dataclasses.replace(ENGINE_CFG, decode_steps=3, lazy_compile=True))
+    prompts = [prompt_of(n, seed=200 + n) for n in (3, 11, 20, 7, 30)]
+    params = [SamplingParams(logprobs=1), SamplingParams(temperature=0.8, seed=3, logprobs=1),
+              SamplingParams(logprobs=1), SamplingParams(temperature=1.1, top_k=20, seed=8, logprobs=1),
+              SamplingParams(logprobs=1)]
+    lengths = [10, 8, 13, 5, 16]
+    ref = [one.generate([p], [sp], max_tokens=n, ignore_eos=True)[0] for p, sp, n in zip(prompts, params, lengths)]
+    stop = ref[2]["token_ids"][4]  # the fifth token: inside the second 3-step call
+    ref[2] = one.generate([prompts[2]], [params[2]], max_tokens=13, stop_token_ids=[stop], ignore_eos=True)[0]
+    assert len(ref[2]["token_ids"]) <= 5
+    for i, want in enumerate(ref):
+        got = eng.generate([prompts[i]], [params[i]], max_tokens=lengths[i], ignore_eos=True,
+                           stop_token_ids=[stop] if i == 2 else None)[0]
+        assert got["token_ids"] == want["token_ids"] and got["finish_reason"] == want["finish_reason"]
+        np.testing.assert_allclose(got["logprobs"], want["logprobs"], atol=1e-5)
+    assert any(k[0] == "decode_k" for k in eng._compiled)
+    eng._compiled = {k: v for k, v in eng._compiled.items() if k[0] != "decode_k"}  # the scheduler must run them too
+    sched = Scheduler(eng, Tok(), SchedulerLimits(), detokenizer=Detok).start()
+    try:
+        streams = [sched.submit(Request(tuple(p), max_tokens=n, sampling=sp, ignore_eos=True, return_logprobs=True,
+                                        stop_token_ids=(stop,) if i == 2 else ()))
+                   for i, (p, sp, n) in enumerate(zip(prompts, params, lengths))]
+        for want, st in zip(ref, streams):
+            events = list(st)
+            got = [t for e in events for t in e.token_ids]
+            assert got == want["token_ids"]
+            lps = [lp.logprob for e in events for lp in e.logprobs]
+            np.testing.assert_allclose(lps, want["logprobs"], atol=1e-5)
+    finally:
+        sched.close()
+    assert any(k[0] == "decode_k" for k in eng._compiled), "the scheduler never ran 3 steps in one call"
+
+
 def test_prefill_many_equals_one_at_a_time(engine: Engine):
     """Three prompts prefilled in one call (a fourth, padding row writes
     nothing) give the same first tokens, logprobs and following decode steps as

@@ -217,6 +217,31 @@ class GroupingFakeEngine(FakeEngine):
         return [FakeEngine.prefill(self, slot, t, params) for slot, t, params in items]
 
 
+class MultiStepHandle:
+    def __init__(self, handles: list[FakeHandle]):
+        self._handles = handles
+
+    def result(self):
+        raise AssertionError("a multi-step call's handle is read with results()")
+
+    def results(self) -> list[dict[int, SlotToken]]:
+        return [h.result() for h in self._handles]
+
+
+class MultiStepFakeEngine(FakeEngine):
+    """A FakeEngine that also runs ``decode_steps`` steps in one call."""
+
+    decode_steps = 3
+
+    def decode(self, active, steps=1):
+        if steps == 1:
+            self.calls.append(("decode_1", tuple(active), time.monotonic()))
+            return super().decode(active)
+        self._check(steps == self.decode_steps, f"decode: {steps} steps per call")
+        self.calls.append(("decode_k", tuple(active), time.monotonic()))
+        return MultiStepHandle([super(MultiStepFakeEngine, self).decode(active) for _ in range(steps)])
+
+
 def expected(prompt_ids: Sequence[int], max_tokens: int, eos: bool = True) -> list[int]:
     out, t = [], prompt_ids[-1]
     for _ in range(max_tokens):
@@ -460,6 +485,35 @@ def test_short_whole_prompts_share_one_prefill_call():
     assert alone == [0, 1, 2, 3, 4, 5, 6, 7]  # this fake's group call runs prefill per prompt; 6, 7 retried
     long = [c for c in eng.calls if c[0] == "prefill" and c[1] == 5]
     assert [c[2:5] for c in long] == [(0, 8, False), (8, 2, True)]
+    assert eng.violations == [] and eng.active_slots() == 0
+
+
+def test_multi_step_decode_gives_the_same_streams():
+    """With an engine that runs 3 steps per call, every stream is what single
+    steps give: a sequence that stops inside a call (EOS, a stop token,
+    max_tokens) ignores the tokens after its stop, and a slot too near the end
+    of the cache for 3 more steps makes the scheduler dispatch one at a time."""
+    eng = MultiStepFakeEngine(num_slots=4, max_len=24, prefill_chunk=8)
+    s = make(eng, max_queue_requests=100)
+    rng = random.Random(7)
+    reqs = [Request(tuple(rng.randrange(0, 95) for _ in range(rng.randrange(1, 8))), max_tokens=rng.randrange(1, 12))
+            for _ in range(40)]
+    reqs.append(Request((94,), max_tokens=10))  # 95 = BOS, 96 = EOS: stops at the second token
+    reqs.append(Request((10,), max_tokens=10, stop_token_ids=(14,)))  # stops at the fourth
+    reqs.append(Request((1, 2, 3, 4), max_tokens=20, ignore_eos=True))  # 3 steps at 18 would pass max_len 24
+    try:
+        for r, st in zip(reqs, [s.submit(r) for r in reqs]):
+            _, out, _, last = collect(st)
+            want = expected(r.prompt_ids, r.max_tokens, eos=not r.ignore_eos)
+            if r.stop_token_ids:
+                want = want[: want.index(14) + 1]
+            assert out == want, r
+            assert last.usage.completion_tokens == len(want)
+        assert_idle(s)
+    finally:
+        s.close()
+    kinds = [c[0] for c in eng.calls]
+    assert kinds.count("decode_k") > 10 and kinds.count("decode_1") >= 1  # single steps near max_len
     assert eng.violations == [] and eng.active_slots() == 0
 
 

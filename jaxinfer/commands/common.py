@@ -37,6 +37,10 @@ def add_model_args(p: argparse.ArgumentParser, *, slots: int = 8, max_len: int =
     g.add_argument("--prefill-rows", type=int, default=None, metavar="N",
                    help="whole prompts shorter than the largest bucket are prefilled up to N per call "
                    "(compiles one N-row program per smaller bucket; 1 = one prompt per call; default 4)")
+    g.add_argument("--decode-steps", type=int, default=None, metavar="K",
+                   help="decode steps per device call (a device loop; compiles a K-step program beside each "
+                   "one-step one). Saves the per-call host cost, which dominates batch-1 decode on a GPU; "
+                   "tokens then stream K at a time. Default 1")
 
 
 def build_engine(args: argparse.Namespace, *, lazy_compile: bool):
@@ -52,6 +56,8 @@ def build_engine(args: argparse.Namespace, *, lazy_compile: bool):
         cfg = dataclasses.replace(cfg, prefill_buckets=tuple(int(x) for x in args.prefill_buckets.split(",")))
     if getattr(args, "prefill_rows", None) is not None:
         cfg = dataclasses.replace(cfg, prefill_rows=args.prefill_rows)
+    if getattr(args, "decode_steps", None) is not None:
+        cfg = dataclasses.replace(cfg, decode_steps=args.decode_steps)
     engine = Engine.from_checkpoint(path, mesh=args.mesh, dtype=args.dtype, config=cfg)
     engine.checkpoint_path = path
     log.info("%s", engine.describe())

@@ -562,6 +562,11 @@ class Engine:
         )
 
     @property
+    def decode_steps(self) -> int:
+        """Steps ``decode(active, steps)`` runs per call besides one (1: one only)."""
+        return self.config.decode_steps
+
+    @property
     def prefill_many_limit(self) -> int:
         """Longest prompt ``prefill_many`` takes (0: it takes none): the
         largest bucket below the chunk size, when prefill_rows > 1."""
@@ -833,13 +838,14 @@ class Engine:
         pending = list(range(len(prompts)))[::-1]
         running: dict[int, int] = {}  # slot -> prompt index
 
-        def accept(i: int, slot: int, tok: SlotToken) -> bool:
+        def accept(i: int, tok: SlotToken, length: int) -> bool:
+            """length: the slot's cached positions when tok was sampled."""
             r = results[i]
             r["token_ids"].append(tok.token)
             r["logprobs"].append(tok.logprob)
             if tok.token in stops:
                 r["finish_reason"] = "stop"
-            elif len(r["token_ids"]) >= max_tokens or self._host_len[slot] + 1 >= self.max_len:
+            elif len(r["token_ids"]) >= max_tokens or length + 1 >= self.max_len:
                 r["finish_reason"] = "length"
             return r["finish_reason"] is not None
 
@@ -849,17 +855,20 @@ class Engine:
                     continue
                 i = pending.pop()
                 tok = self.prefill(slot, prompts[i], params[i])
-                if accept(i, slot, tok):
+                if accept(i, tok, len(prompts[i])):
                     self.release(slot)
                 else:
                     running[slot] = i
             if not running:
                 continue
-            step = self.decode(sorted(running)).result()
-            for slot, tok in step.items():
-                if accept(running[slot], slot, tok):
-                    del running[slot]
-                    self.release(slot)
+            k = self.config.decode_steps  # k steps per call while every slot has room for them
+            k = k if k > 1 and all(self._host_len[s] + k <= self.max_len for s in running) else 1
+            handle = self.decode(sorted(running), k)
+            for j, step in enumerate(handle.results()):
+                for slot, tok in step.items():  # tokens after a slot's stop are dropped
+                    if slot in running and accept(running[slot], tok, int(self._host_len[slot]) - k + 1 + j):
+                        del running[slot]
+                        self.release(slot)
         return results
 
     # --- reporting ----------------------------------------------------------

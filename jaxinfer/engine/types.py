@@ -99,7 +99,10 @@ class EngineProtocol(Protocol):
     Optional: an engine with ``prefill_many(items)`` (items: (slot, whole prompt,
     params)), ``prefill_many_limit`` (longest prompt it takes) and ``prefill_rows``
     (most prompts per call) gets runs of short prompts admitted together in one
-    call; the scheduler falls back to ``prefill`` without them.
+    call; the scheduler falls back to ``prefill`` without them. An engine with
+    ``decode_steps`` = k > 1 also takes ``decode(active, k)``, whose handle's
+    ``results()`` gives one dict per step; the scheduler then dispatches k steps
+    per call while every slot has room for them.
     """
 
     num_slots: int

@@ -1,0 +1,98 @@
+"""Where a decode step's time goes at batch 1: host time to dispatch one call
+against the time per step, for calls dispatched back to back (pipelined) and
+awaited one by one. Run it once per XLA_FLAGS setting to compare them, e.g.
+on a GPU with and without command buffers (CUDA graphs):
+
+    python scripts/bench_dispatch.py --preset llama3-8b-shape --dtype bfloat16
+    XLA_FLAGS=--xla_gpu_enable_command_buffer= python scripts/bench_dispatch.py ...
+
+With --lock FILE several copies may compile side by side and take turns to
+time (each holds the lock while it times). Prints one line and appends a JSON
+row to --json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import os
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+class _Lock:
+    def __init__(self, path: str):
+        self.f = open(path, "a")
+
+    def __enter__(self):
+        fcntl.flock(self.f, fcntl.LOCK_EX)
+
+    def __exit__(self, *exc):
+        fcntl.flock(self.f, fcntl.LOCK_UN)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="smollm2-135m", help="random weights of this preset shape")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--context", type=int, default=256, help="prompt length before the timed steps")
+    p.add_argument("--steps", type=int, default=32, help="decode steps per timing")
+    p.add_argument("--label", default=os.environ.get("XLA_FLAGS", "") or "default flags")
+    p.add_argument("--lock", default=None, help="take this file lock while timing")
+    p.add_argument("--json", default="bench_dispatch.json", help="append the result row here")
+    args = p.parse_args(argv)
+
+    import jax
+
+    from bench_engine import random_checkpoint
+    from jaxinfer.engine.engine import Engine, EngineConfig
+    from jaxinfer.engine.types import SamplingParams
+    from jaxinfer.model.transformer import Transformer
+    from jaxinfer.sharding import make_mesh
+
+    mesh = make_mesh(None)
+    ckpt = random_checkpoint(args.preset, args.dtype, mesh)
+    max_len = 2 * max(256, args.context + args.steps)
+    chunk = 1 << (args.context - 1).bit_length()
+    eng = Engine(Transformer(ckpt.config, params=ckpt.params),
+                 EngineConfig(slots=1, max_len=max_len, prefill_buckets=(chunk,), decode_rows=(1,), lazy_compile=True),
+                 mesh=mesh)
+    prompt = [int(t) for t in np.random.default_rng(0).integers(10, 1000, args.context)]
+
+    def fresh():
+        eng.release(0)
+        eng.prefill(0, prompt, SamplingParams())
+
+    fresh()
+    eng.decode([0]).result()  # compile and warm
+    row = {"label": args.label, "backend": jax.default_backend(), "preset": args.preset, "context": args.context}
+    with _Lock(args.lock) if args.lock else nullcontext():
+        for mode in ("pipelined", "awaited", "pipelined", "awaited"):
+            fresh()
+            host, t0 = 0.0, time.perf_counter()
+            for _ in range(args.steps):
+                c0 = time.perf_counter()
+                h = eng.decode([0])
+                host += time.perf_counter() - c0
+                if mode == "awaited":
+                    h.result()
+            h.result()
+            total = time.perf_counter() - t0
+            row[f"{mode}_ms"] = min(row.get(f"{mode}_ms", 1e9), total / args.steps * 1e3)
+            row[f"{mode}_host_ms"] = min(row.get(f"{mode}_host_ms", 1e9), host / args.steps * 1e3)
+    print(f"{args.label:>40}: step {row['pipelined_ms']:.2f} ms pipelined (host {row['pipelined_host_ms']:.2f} ms "
+          f"per call), {row['awaited_ms']:.2f} ms awaited (host {row['awaited_host_ms']:.2f})", flush=True)
+    with open(args.json, "a") as f:
+        f.write(json.dumps(row) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
