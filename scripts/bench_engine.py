@@ -44,6 +44,7 @@ class Result:
     decode: list[dict] = field(default_factory=list)
     grouped_prefill: dict = field(default_factory=dict)
     multi_step: list[dict] = field(default_factory=list)
+    finer_spans: list[dict] = field(default_factory=list)
     targets: dict = field(default_factory=dict)
 
 
@@ -101,14 +102,14 @@ def timeit(fn, repeat: int, warmup: int = 1) -> float:
 # --- jaxinfer ---------------------------------------------------------------------------------
 
 
-def build_engine(args, slots: int, max_len: int, ckpt):
+def build_engine(args, slots: int, max_len: int, ckpt, span_steps: int = 1):
     from jaxinfer.engine.engine import Engine, EngineConfig
     from jaxinfer.model.transformer import Transformer
 
     buckets = tuple(b for b in (32, 128, 512) if b < max_len)  # the default: longer prompts go in 512-token chunks
     cfg = EngineConfig(slots=slots, max_len=max_len, prefill_buckets=buckets or (max_len // 2,),
                        decode_rows=tuple(int(b) for b in args.batches.split(",")), lazy_compile=True,
-                       decode_steps=getattr(args, "decode_steps", 1))
+                       decode_steps=getattr(args, "decode_steps", 1), span_steps=span_steps)
     return Engine(Transformer(ckpt.config, params=ckpt.params), cfg, mesh=args.mesh_obj)
 
 
@@ -271,6 +272,10 @@ def main(argv=None) -> int:
     p.add_argument("--decode-steps", type=int, default=1, metavar="K",
                    help="also time K decode steps per call against one, pipelined and awaited, at the "
                    "smallest batch and the largest up to 64 (default 1: skip)")
+    p.add_argument("--span-steps", type=int, default=1, metavar="N",
+                   help="also time the largest batch at the longest context on an engine with N attended "
+                   "spans per doubling (EngineConfig.span_steps), against the default's powers of two "
+                   "(default 1: skip)")
     p.add_argument("--no-hf", action="store_true", help="skip transformers (e.g. on a GPU, or with --preset)")
     p.add_argument("--quick", action="store_true", help="smoke run: small sizes, few steps")
     p.add_argument("--json", default="bench_engine.json", help="write results here")
@@ -320,6 +325,8 @@ def main(argv=None) -> int:
     if args.decode_steps > 1:
         # each timing refills the slots, so keep the batch modest (a GPU run goes to 256)
         work += [("steps", b, min(contexts)) for b in sorted({min(batches), max(b for b in batches if b <= 64)})]
+    if args.span_steps > 1:
+        work.append(("spans", max(batches), max(contexts)))
     bar = tqdm(work, desc="benchmark", unit="case", file=sys.stderr)
     held: dict = {}
 
@@ -329,7 +336,7 @@ def main(argv=None) -> int:
         if key not in held:
             held.clear()
             gc.collect()
-            held[key] = build_engine(args, slots, max_len, ckpt)
+            held[key] = build_engine(args, slots, max_len, ckpt, args.span_steps if key == "spans" else 1)
         return held[key]
 
     decode_len = max(2 * max(contexts), 256)
@@ -339,6 +346,14 @@ def main(argv=None) -> int:
             eng = engine_for("decode", max(batches), decode_len)
             res.multi_step.append(jax_multi_step(eng, a, b, args.decode_steps))
             tqdm.write(f"steps batch {a} ctx {b}: {res.multi_step[-1]}", file=sys.stderr)
+        elif kind == "spans":  # the same decode on an engine with finer attended spans
+            eng = engine_for("spans", max(batches), decode_len)  # built with args.span_steps below
+            t = jax_decode(eng, a, b, args.steps)
+            base = next(r for r in res.decode if r["batch"] == a and r["context"] == b)
+            res.finer_spans.append({"batch": a, "context": b, "span_steps": args.span_steps, "step_ms": t * 1e3,
+                                    "span": eng.last_decode_variant[1], "default_step_ms": base["step_ms"],
+                                    "speedup": base["step_ms"] / (t * 1e3)})
+            tqdm.write(f"finer spans: {res.finer_spans[-1]}", file=sys.stderr)
         elif kind == "grouped":  # a prompts of b tokens: one call each, or one prefill_many call
             eng = engine_for("grouped", a, 256)
             one, many = jax_grouped_prefill(eng, a, b, args.repeat)
@@ -431,6 +446,10 @@ def print_table(res: Result, with_hf: bool) -> None:
         print(f"\ndecode batch {m['batch']}, context {m['context']}, ms/token: one step per call "
               f"{m['pipelined_ms_1']:.2f} pipelined / {m['awaited_ms_1']:.2f} awaited; {k} steps per call "
               f"{m[f'pipelined_ms_{k}']:.2f} / {m[f'awaited_ms_{k}']:.2f}")
+    for f in res.finer_spans:
+        print(f"\ndecode batch {f['batch']}, context {f['context']}: {f['default_step_ms']:.1f} ms per step over "
+              f"power-of-two spans, {f['step_ms']:.1f} ms with {f['span_steps']} spans per doubling (span "
+              f"{f['span']}; {f['speedup']:.2f}x)")
     print("\ndecode  batch  context  step ms   tok/s  roofline tok/s  bound    of roofline  transformers tok/s  speedup")
     for r in res.decode:
         hf = f"{r['transformers_tok_s']:18.1f}  {r['speedup']:6.2f}x" if with_hf else f"{'-':>18}  {'-':>7}"

@@ -94,6 +94,26 @@ def test_one_block_cache_equals_span_blocks(engine: Engine):
         np.testing.assert_allclose(x["logprobs"], y["logprobs"], atol=1e-5)
 
 
+def test_half_octave_spans_equal_full_forward():
+    """span_steps=2 adds spans half way between the powers of two (48 and 96
+    here); prefill and decode over them give the full forward's log-probs, and
+    a step at 40 positions reads a span of 48, not 64."""
+    eng = Engine(make_model(GEMMA_TINY), dataclasses.replace(ENGINE_CFG, span_steps=2, lazy_compile=True))
+    assert eng.spans == (32, 48, 64, 96, 128) and eng.kv_blocks == (32, 16, 16, 32, 32)
+    prompt = prompt_of(38, seed=7)
+    toks = [eng.prefill(0, prompt, SamplingParams(logprobs=5))]
+    spans = []
+    for _ in range(14):  # positions 38..51: spans 48, then 64 from position 48 on
+        toks.append(eng.decode([0]).result()[0])
+        spans.append(eng.last_decode_variant[1])
+    assert spans[:10] == [48] * 10 and spans[10:] == [64] * 4
+    ref = full_forward_logprobs(eng.reference_model(), prompt + [t.token for t in toks])
+    for i, t in enumerate(toks):
+        row = ref[len(prompt) - 1 + i]
+        assert t.token == int(np.argmax(row))
+        np.testing.assert_allclose([t.logprob, *t.top_logprobs], [row[t.token], *row[list(t.top_ids)]], atol=1e-4)
+
+
 def test_multi_step_decode_equals_single_steps(engine: Engine):
     """decode(active, steps=3) -- three steps in one device loop -- gives the same
     tokens, logprobs and top alternatives as three one-step calls, for a seeded

@@ -41,6 +41,10 @@ def add_model_args(p: argparse.ArgumentParser, *, slots: int = 8, max_len: int =
                    help="decode steps per device call (a device loop; compiles a K-step program beside each "
                    "one-step one). Saves the per-call host cost, which dominates batch-1 decode on a GPU; "
                    "tokens then stream K at a time. Default 1")
+    g.add_argument("--span-steps", type=int, default=None, metavar="N",
+                   help="attended spans per doubling of the context: 1 = powers of two (a step reads up to 2x "
+                   "the positions it needs); 2 adds the points half way (up to 1.5x; about twice the programs "
+                   "to compile). Default 1")
 
 
 def build_engine(args: argparse.Namespace, *, lazy_compile: bool):
@@ -58,6 +62,8 @@ def build_engine(args: argparse.Namespace, *, lazy_compile: bool):
         cfg = dataclasses.replace(cfg, prefill_rows=args.prefill_rows)
     if getattr(args, "decode_steps", None) is not None:
         cfg = dataclasses.replace(cfg, decode_steps=args.decode_steps)
+    if getattr(args, "span_steps", None) is not None:
+        cfg = dataclasses.replace(cfg, span_steps=args.span_steps)
     engine = Engine.from_checkpoint(path, mesh=args.mesh, dtype=args.dtype, config=cfg)
     engine.checkpoint_path = path
     log.info("%s", engine.describe())
