@@ -2,7 +2,8 @@
 # Everything GPU-specific in one command: the engine benchmark on a
 # Llama-3-8B-shaped model with random bfloat16 weights (decode tokens/s at batch
 # 1, 64, 256; model-bandwidth utilisation; prefill TFLOP/s at 2048 tokens; one
-# decode step per call against 4), then the engine and parity tests on the GPU.
+# decode step per call against 4; power-of-two attended spans against half
+# steps), the host time per decode call, then the engine and parity tests on the GPU.
 # On a machine without a GPU it runs the same steps end to end on a tiny shape,
 # so the script cannot rot.
 #
@@ -10,8 +11,13 @@
 #
 # The benchmark runs first: on a short lease its figures are what must come
 # back. Each phase can be held to a time limit (seconds; 0, the default, means
-# none): GPU_CHECK_BENCH_LIMIT, GPU_CHECK_TEST_LIMIT. The benchmark writes its
-# JSON after every case, so a phase cut short still reports what it measured.
+# none): GPU_CHECK_BENCH_LIMIT, GPU_CHECK_DISPATCH_LIMIT, GPU_CHECK_TEST_LIMIT.
+# The benchmark writes its JSON after every case, so a phase cut short still
+# reports what it measured.
+# On one H200 (2026-11-30, before the span and dispatch phases were added) the
+# benchmark took 280 s, most of it compiling the 8B model's programs, and the
+# two test files ~300 s; a 15-minute lease needs limits such as
+# GPU_CHECK_BENCH_LIMIT=350 GPU_CHECK_DISPATCH_LIMIT=120 GPU_CHECK_TEST_LIMIT=190.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/gpu_check}"
@@ -29,12 +35,15 @@ python3 -c 'import jax; print(jax.__version__, jax.devices())'
 if [ "$backend" = "gpu" ]; then
   nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.max.mem,driver_version --format=csv || true
   tests=(tests/test_engine.py tests/test_parity.py)
-  bench=(--preset llama3-8b-shape --dtype bfloat16 --no-hf --batches 1,64,256 --contexts 1024 --prefill 2048 --steps 16)
+  bench=(--preset llama3-8b-shape --dtype bfloat16 --no-hf --batches 1,64,256 --contexts 1024 --prefill 2048 --steps 16
+         --span-steps 2)
+  dispatch=(--preset llama3-8b-shape --dtype bfloat16 --context 256)
   # weights (16 GB) + a 256-slot x 2048-position bfloat16 cache (69 GB) + headroom
   export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.92}
 else
   tests=(tests/test_engine.py -k "prefill_then_decode or donated")
   bench=(--preset smollm2-135m --dtype float32 --no-hf --batches 1,4 --contexts 64 --prefill 64 --steps 2 --repeat 1)
+  dispatch=(--preset smollm2-135m --dtype float32 --context 64 --steps 8)
 fi
 
 echo "== engine benchmark (log: $OUT/bench_engine.log)"
@@ -65,11 +74,26 @@ if r["prefill"]:
     p = r["prefill"][-1]
     print(f"prefill {p['tokens']} tokens: {p['jaxinfer_s'] * 1e3:.1f} ms, {p['tflops']:.1f} TFLOP/s "
           f"(matmul peak measured {r['matmul_gflops'] / 1e3:.1f} TFLOP/s)")
+for f in r.get("finer_spans", []):
+    print(f"decode batch {f['batch']} context {f['context']}: {f['default_step_ms']:.2f} ms per step over power-of-two "
+          f"spans, {f['step_ms']:.2f} ms with {f['span_steps']} per doubling (span {f['span']})")
 for m in r.get("multi_step", []):
     print(f"decode batch {m['batch']}: ms/token one step per call {m['pipelined_ms_1']:.2f} pipelined / "
           f"{m['awaited_ms_1']:.2f} awaited; {m['k']} steps per call {m['pipelined_ms_' + str(m['k'])]:.2f} / "
           f"{m['awaited_ms_' + str(m['k'])]:.2f}")
 PY
+
+# Host time per decode call against step time at batch 1, with XLA's command
+# buffers (CUDA graphs) on and off; the two compile side by side and time in turn.
+echo "== dispatch (log: $OUT/dispatch.log)"
+rm -f "$OUT/dispatch.json"
+for flags in "" "--xla_gpu_enable_command_buffer="; do
+  [ "$backend" = "gpu" ] || [ -z "$flags" ] || continue
+  XLA_FLAGS="$flags" XLA_PYTHON_CLIENT_MEM_FRACTION=0.4 limit "${GPU_CHECK_DISPATCH_LIMIT:-0}" \
+    python3 scripts/bench_dispatch.py "${dispatch[@]}" --lock "$OUT/dispatch.lock" --json "$OUT/dispatch.json" \
+    2>>"$OUT/dispatch.log" &
+done
+wait
 
 # Parity needs true float32 matmuls (GPUs default to TF32 for float32).
 echo "== tests on $backend (log: $OUT/tests.log)"
