@@ -44,6 +44,8 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--context", type=int, default=256, help="prompt length before the timed steps")
     p.add_argument("--steps", type=int, default=32, help="decode steps per timing")
+    p.add_argument("--slots", type=int, default=1, help="cache slots (the step decodes slot 0 alone)")
+    p.add_argument("--max-len", type=int, default=None, help="cache length (default: twice the context, >= 512)")
     p.add_argument("--label", default=os.environ.get("XLA_FLAGS", "") or "default flags")
     p.add_argument("--lock", default=None, help="take this file lock while timing")
     p.add_argument("--json", default="bench_dispatch.json", help="append the result row here")
@@ -59,10 +61,10 @@ def main(argv=None) -> int:
 
     mesh = make_mesh(None)
     ckpt = random_checkpoint(args.preset, args.dtype, mesh)
-    max_len = 2 * max(256, args.context + args.steps)
+    max_len = args.max_len or 1 << (2 * max(256, args.context + args.steps) - 1).bit_length()
     chunk = 1 << (args.context - 1).bit_length()
     eng = Engine(Transformer(ckpt.config, params=ckpt.params),
-                 EngineConfig(slots=1, max_len=max_len, prefill_buckets=(chunk,), decode_rows=(1,), lazy_compile=True),
+                 EngineConfig(slots=args.slots, max_len=max_len, prefill_buckets=(chunk,), decode_rows=(1,), lazy_compile=True),
                  mesh=mesh)
     prompt = [int(t) for t in np.random.default_rng(0).integers(10, 1000, args.context)]
 

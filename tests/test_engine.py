@@ -114,6 +114,30 @@ def test_half_octave_spans_equal_full_forward():
         np.testing.assert_allclose([t.logprob, *t.top_logprobs], [row[t.token], *row[list(t.top_ids)]], atol=1e-4)
 
 
+def test_one_slot_engine_pads_a_cache_row(engine: Engine):
+    """A one-slot engine on the block layout allocates a second, unused cache
+    row (XLA CPU copies every block of a one-row cache on each step); slot 1
+    stays out of range, and its tokens equal a four-slot engine's."""
+    one = Engine(make_model(engine.cfg), dataclasses.replace(ENGINE_CFG, slots=1, lazy_compile=True))
+    assert one.num_slots == 1 and one.cache_rows == 2 and one.state.cache.k[0][0].shape[0] == 2
+    assert one.stats().cache_bytes == 2 * one.max_len * KVCache.bytes_per_token(one.cfg, jnp.float32)
+    prompt, params = prompt_of(40, seed=5), SamplingParams(logprobs=3)
+    got = [one.prefill(0, prompt, params)] + [one.decode([0]).result()[0] for _ in range(6)]
+    want = [engine.prefill(3, prompt, params)] + [engine.decode([3]).result()[3] for _ in range(6)]
+    engine.release(3)
+    for a, b in zip(got, want):
+        assert a.token == b.token and a.top_ids == b.top_ids
+        np.testing.assert_allclose([a.logprob, *a.top_logprobs], [b.logprob, *b.top_logprobs], atol=1e-5)
+    one.release(0)
+    short = prompt_of(5, seed=6)
+    a, b = one.prefill_many([(0, short, params)])[0], engine.prefill(3, short, params)  # 3 padding rows dropped
+    assert a.token == b.token and a.top_ids == b.top_ids
+    np.testing.assert_allclose([a.logprob, *a.top_logprobs], [b.logprob, *b.top_logprobs], atol=1e-5)
+    engine.release(3)
+    with pytest.raises(ValueError, match="out of range"):
+        one.prefill(1, short, params)
+
+
 def test_multi_step_decode_equals_single_steps(engine: Engine):
     """decode(active, steps=3) -- three steps in one device loop -- gives the same
     tokens, logprobs and top alternatives as three one-step calls, for a seeded
