@@ -115,9 +115,9 @@ def test_half_octave_spans_equal_full_forward():
 
 
 def test_one_slot_engine_pads_a_cache_row(engine: Engine):
-    """A one-slot engine on the block layout allocates a second, unused cache
-    row (XLA CPU copies every block of a one-row cache on each step); slot 1
-    stays out of range, and its tokens equal a four-slot engine's."""
+    """A one-slot engine allocates a second, unused cache row (XLA CPU copies
+    every block of a one-row cache on each step); slot 1 stays out of range,
+    and its tokens equal a four-slot engine's."""
     one = Engine(make_model(engine.cfg), dataclasses.replace(ENGINE_CFG, slots=1, lazy_compile=True))
     assert one.num_slots == 1 and one.cache_rows == 2 and one.state.cache.k[0][0].shape[0] == 2
     assert one.stats().cache_bytes == 2 * one.max_len * KVCache.bytes_per_token(one.cfg, jnp.float32)

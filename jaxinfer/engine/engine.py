@@ -225,11 +225,12 @@ class Engine:
         span_blocks = self.config.span_blocks
         if span_blocks is None:
             span_blocks = self.mesh.devices.flat[0].platform == "cpu"
-        # The cache rows allocated. A one-slot engine on the block layout gets a
-        # second, never used row: a step that reads every row whole makes XLA CPU
-        # copy each block of a one-row cache several times (SmolLM2 at span 512:
-        # 38 ms per step against 16 ms when the one slot is a prefix of two).
-        self.cache_rows = 2 if span_blocks and self.num_slots == 1 else self.num_slots
+        # The cache rows allocated. A one-slot engine gets a second, never used
+        # row: a step that reads every row of a one-row cache makes XLA CPU copy
+        # each cache block several times (SmolLM2 at span 512: 38 ms per step on
+        # the block layout and 40 ms on one block, against 16-17 ms when the one
+        # slot is a prefix of two). Not measured on a GPU; padded there too.
+        self.cache_rows = 2 if self.num_slots == 1 else self.num_slots
         if span_blocks:  # blocks end at every span, and hold at most kv_block_max positions
             edges = sorted({e for a, b in zip((0, *self.spans), self.spans)
                             for e in range(a + self.config.kv_block_max, b, self.config.kv_block_max)} | set(self.spans))
