@@ -6,7 +6,11 @@ In one run on one machine, with the same weights:
   * decode tokens/s at batch 1, 8 and 32, at context 128 and 1024;
   * the roofline of a decode step: the slower of reading its bytes (weights +
     KV cache read) at the machine's read bandwidth and doing its FLOPs at the
-    machine's matmul rate, both measured in the same run.
+    machine's matmul rate, both measured in the same run;
+  * the matmul floor of each batch size: the step's weight matmuls alone (the
+    engine's own buffers and kernels, no attention, cache or sampling), and
+    the ceilings it sets on the targets' ratios (a square-matmul peak
+    overstates what a 32-token matmul reaches).
 Prints a table with the ratios and writes JSON (and a PNG with --plot).
 
     python scripts/bench_engine.py                       # SmolLM2-135M float32 vs transformers
@@ -188,6 +192,71 @@ def jax_decode(engine, batch: int, ctx: int, steps: int) -> float:
     return float(np.median(times))
 
 
+def matmul_floor_program(engine, batch: int):
+    """A decode step's weight matmuls alone at `batch` tokens:
+    every layer's projections (q/k/v, o, gate/up, down) and the LM head, on the
+    engine's own weight buffers and layout, through the model's own
+    ``linear_t``, with the norms and residual adds that chain them. No
+    attention, KV cache or sampling. What a decode step at this batch would
+    cost if all else were free, on this machine under XLA's kernels: the
+    floor under the step, and the honest ceiling for the batch ratios (a
+    square-matmul peak overstates what small-batch matmuls reach).
+    Returns the jitted function and its arguments."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from jaxinfer.model.transformer import linear_t, rms_norm
+
+    cfg = engine.cfg
+    eps, off = cfg.rms_norm_eps, cfg.norm_offset
+    graphdef = engine.graphdef
+
+    def step(params, x):  # x: [D, batch], features first as in the engine
+        state, layers = params
+        keep = []
+        for p in layers:
+            h = rms_norm(x, p["attn_norm"], eps, off, 0)
+            if "wqkv_t" in p:
+                qkv = linear_t(p["wqkv_t"], h)  # [heads + 2 kv_heads, Hd, N]
+                q = qkv[: cfg.num_heads]
+            else:
+                q = linear_t(p["wq_t"], h)
+                keep += [linear_t(p["wk_t"], h)[0, 0], linear_t(p["wv_t"], h)[0, 0]]
+            wo = p["wo_t"]
+            x = x + linear_t(wo.reshape(wo.shape[0], -1), q.reshape(-1, batch))
+            h = rms_norm(x, p["mlp_norm"], eps, off, 0)
+            gu = linear_t(p["w_gate_up_t"], h)  # [F, 2, N]
+            act = jax.nn.silu(gu[:, 0]) if cfg.activation == "silu" else jax.nn.gelu(gu[:, 0], approximate=True)
+            x = x + linear_t(p["w_down_t"], act * gu[:, 1])
+        model = nnx.merge(graphdef, state)
+        hidden = rms_norm(x.T.reshape(batch, 1, -1), model.final_norm[...], eps, off)  # as the engine does
+        logits = model.logits(hidden[:, 0])
+        return jnp.max(logits, axis=-1), keep
+
+    params = engine.params
+    x = jax.random.normal(jax.random.key(0), (cfg.hidden_size, batch)).astype(params[1][0]["wo_t"].dtype)
+    return jax.jit(step), (params, x)
+
+
+def matmul_floor(engine, batch: int, steps: int) -> float:
+    """Seconds per call of :func:`matmul_floor_program`, dispatched back to
+    back like the decode steps it is compared with (median of 3 timings)."""
+    import jax
+
+    f, args = matmul_floor_program(engine, batch)
+    f = f.lower(*args).compile()
+    jax.block_until_ready(f(*args))
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            out = f(*args)
+        jax.block_until_ready(out)
+        times.append((time.perf_counter() - t0) / steps)
+    return float(np.median(times))
+
+
 # --- transformers -------------------------------------------------------------------------------
 
 
@@ -276,6 +345,9 @@ def main(argv=None) -> int:
                    help="also time the largest batch at the longest context on an engine with N attended "
                    "spans per doubling (EngineConfig.span_steps), against the default's powers of two "
                    "(default 1: skip)")
+    p.add_argument("--floor-batches", default="all", metavar="LIST",
+                   help="batch sizes whose matmul floor to time (the step's weight matmuls alone): 'all' the "
+                        "decode batches, 'none', or a list such as 1")
     p.add_argument("--no-hf", action="store_true", help="skip transformers (e.g. on a GPU, or with --preset)")
     p.add_argument("--quick", action="store_true", help="smoke run: small sizes, few steps")
     p.add_argument("--json", default="bench_engine.json", help="write results here")
@@ -340,6 +412,9 @@ def main(argv=None) -> int:
         return held[key]
 
     decode_len = max(2 * max(contexts), 256)
+    floors: dict[int, float] = {}  # batch -> seconds of the weight matmuls alone
+    floor_batches = (set(batches) if args.floor_batches == "all" else set() if args.floor_batches == "none"
+                     else {int(b) for b in args.floor_batches.split(",")})
     for kind, a, b in bar:
         bar.set_postfix_str(f"{kind} {a} {b}")
         if kind == "steps":  # one decode step per call against decode_steps per call
@@ -381,8 +456,12 @@ def main(argv=None) -> int:
             n_params = param_bytes / np.dtype(args.dtype).itemsize
             attn_flops = 4 * batch * (ctx + 1) * cfg.num_layers * cfg.num_heads * cfg.head_dim
             step_flops = 2 * batch * n_params + attn_flops
+            if batch not in floors and batch in floor_batches:
+                floors[batch] = matmul_floor(eng, batch, args.steps)
             row = {"batch": batch, "context": ctx, "step_ms": t * 1e3, "tok_s": batch / t,
                    "bytes_per_step": step_bytes, "flops_per_step": step_flops}
+            if batch in floors:
+                row["matmul_floor_ms"] = floors[batch] * 1e3
             if hf is not None:
                 th = hf_decode(hf, batch, ctx, args.steps)
                 row.update(transformers_tok_s=batch / th, speedup=th / t)
@@ -416,6 +495,15 @@ def main(argv=None) -> int:
         # the most this ratio can be on this machine with batch 1 as measured:
         # the large batch at its (compute) roofline
         res.targets[f"batch{max(batches)}_over_batch1_ceiling"] = dmax[c0]["roofline_tok_s"] / d1[c0]["tok_s"]
+        # ... and with both batches at their matmul floors: the weight matmuls as XLA
+        # runs them at each batch size, everything else free
+        if "matmul_floor_ms" in d1[c0] and "matmul_floor_ms" in dmax[c0]:
+            res.targets[f"batch{max(batches)}_over_batch1_matmul_ceiling"] = (
+                max(batches) * d1[c0]["matmul_floor_ms"] / dmax[c0]["matmul_floor_ms"])
+    if c0 in d1 and "speedup" in d1[c0] and "matmul_floor_ms" in d1[c0]:
+        # the most batch 1 can gain on transformers if the step were its weight matmuls alone
+        res.targets["batch1_vs_transformers_matmul_ceiling"] = (
+            d1[c0]["speedup"] * d1[c0]["step_ms"] / d1[c0]["matmul_floor_ms"])
     if res.prefill and hf is not None:
         res.targets["prefill_min_speedup"] = min(r["speedup"] for r in res.prefill)
 
@@ -450,10 +538,11 @@ def print_table(res: Result, with_hf: bool) -> None:
         print(f"\ndecode batch {f['batch']}, context {f['context']}: {f['default_step_ms']:.1f} ms per step over "
               f"power-of-two spans, {f['step_ms']:.1f} ms with {f['span_steps']} spans per doubling (span "
               f"{f['span']}; {f['speedup']:.2f}x)")
-    print("\ndecode  batch  context  step ms   tok/s  roofline tok/s  bound    of roofline  transformers tok/s  speedup")
+    print("\ndecode  batch  context  step ms  matmuls ms   tok/s  roofline tok/s  bound    of roofline  "
+          "transformers tok/s  speedup")
     for r in res.decode:
         hf = f"{r['transformers_tok_s']:18.1f}  {r['speedup']:6.2f}x" if with_hf else f"{'-':>18}  {'-':>7}"
-        print(f"{'':7} {r['batch']:5d}  {r['context']:7d}  {r['step_ms']:7.1f}  {r['tok_s']:6.1f}  "
+        print(f"{'':7} {r['batch']:5d}  {r['context']:7d}  {r['step_ms']:7.1f}  {r.get('matmul_floor_ms', float('nan')):10.1f}  {r['tok_s']:6.1f}  "
               f"{r['roofline_tok_s']:14.1f}  {r['bound']:7}  {r['roofline_frac'] * 100:10.0f}%  {hf}")
     print("\ntargets:", json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in res.targets.items()}))
 
