@@ -142,6 +142,12 @@ class KVCache:
         return cls(*([[makers[n, keys]() for n in blocks] for _ in range(cfg.num_layers)] for keys in (True, False)))
 
 
+# Decode over every row: attend block by block and skip, at run time, the blocks
+# no row has reached (batch 32 at context 1030 on CPU, span 2048 in blocks of 128:
+# 140.6 -> 122.0 ms per step). A module switch so the old path stays one edit away.
+_SKIP_BLOCKS = True
+
+
 def rms_norm(x: jax.Array, w: jax.Array, eps: float, offset: float, axis: int = -1) -> jax.Array:
     """RMSNorm over ``axis`` (-1, or 0 for features-first activations [D, N])."""
     x32 = x.astype(F32)
@@ -374,10 +380,42 @@ class Transformer(nnx.Module):
                 return lax.dynamic_slice(c, (idx, 0, 0, 0, 0), (1, B, G, span, Hd))[0]
             return c[idx, slots, :, :span]  # a gather of just these rows
 
+        def skip_past_blocks(qg, keys, vals, m_old, limit):
+            """Attention over the blocks one at a time with a running softmax; a
+            block that starts at or past ``limit`` (no row has a position there
+            yet) is skipped at run time (``lax.cond``), so a step reads the
+            blocks its rows have reached, not the whole static span."""
+            def scores(j):
+                st, n = starts[j], read_sizes[j]
+                s = jnp.einsum("btgrk,bgks->bgtrs", qg, keys[j].astype(qg.dtype), preferred_element_type=F32)
+                return jnp.where(m_old[:, None, :, None, st : st + n], s * cfg.attn_scale, -1e30)
+
+            def pv(p, j):
+                return jnp.einsum("bgtrs,bgsk->bgtrk", p.astype(vals[j].dtype), vals[j], preferred_element_type=F32)
+
+            s = scores(0)
+            m = s.max(-1)
+            p = jnp.exp(s - m[..., None])
+            carry = (m, p.sum(-1), pv(p, 0))
+            for j in range(1, len(keys)):
+                def update(carry, j=j):
+                    m, total, acc = carry
+                    s = scores(j)
+                    m_new = jnp.maximum(m, s.max(-1))
+                    corr = jnp.exp(m - m_new)
+                    p = jnp.exp(s - m_new[..., None])
+                    return m_new, total * corr + p.sum(-1), acc * corr[..., None] + pv(p, j)
+
+                carry = lax.cond(starts[j] < limit, update, lambda c: c, carry)
+            _, total, acc = carry
+            return acc / total[..., None]
+
         eps, off = cfg.rms_norm_eps, cfg.norm_offset
         ctx = dict(positions=positions, slots=slots, rows=rows, new_mask=new_mask, new_win=new_win,
                    old_mask=old_mask if use_cache else None, old_win=old_win if use_cache else None,
                    rope_local=rope_local, rope_global=rope_global)
+        if cache_only:  # one past the last position any row writes (padding sits at >= max_len)
+            ctx["kv_limit"] = jnp.max(jnp.where(positions < cache.max_len, positions, -1)) + 1
         weights = None if layer_params is not None else {
             k: v[...] for k, v in vars(self.layers).items() if isinstance(v, nnx.Param)
         }
@@ -435,15 +473,21 @@ class Transformer(nnx.Module):
                 keys = [read_block(b, n, slots, True) for b, n in zip(bufs[0], read_sizes)]  # each [B, G, Hd, n]
                 vals = [read_block(b, n, slots, False) for b, n in zip(bufs[1], read_sizes)]  # each [B, G, n, Hd]
                 m_old = old_mask & (old_win | ~local) if window else old_mask
-                raw = [jnp.einsum("btgrk,bgks->bgtrs", qg, kb.astype(q.dtype), preferred_element_type=F32)
-                       for kb in keys]
-                s_all = raw[0] if len(raw) == 1 else jnp.concatenate(raw, axis=-1)
-                probs = jax.nn.softmax(jnp.where(m_old[:, None, :, None, :], s_all * cfg.attn_scale, -1e30), axis=-1)
-                attn = sum(
-                    jnp.einsum("bgtrs,bgsk->bgtrk", probs[..., st : st + n].astype(vb.dtype), vb,
-                               preferred_element_type=F32)
-                    for st, n, vb in zip(starts, read_sizes, vals)
-                )
+                # only where every block is read whole: over a slice or gather of the rows, XLA
+                # CPU fuses the read into the cache write and copies each whole block per cond
+                if _SKIP_BLOCKS and len(keys) > 1 and slots is None and B == bufs[0][0].shape[0]:
+                    attn = skip_past_blocks(qg, keys, vals, m_old, c["kv_limit"])
+                else:
+                    raw = [jnp.einsum("btgrk,bgks->bgtrs", qg, kb.astype(q.dtype), preferred_element_type=F32)
+                           for kb in keys]
+                    s_all = raw[0] if len(raw) == 1 else jnp.concatenate(raw, axis=-1)
+                    probs = jax.nn.softmax(jnp.where(m_old[:, None, :, None, :], s_all * cfg.attn_scale, -1e30),
+                                           axis=-1)
+                    attn = sum(
+                        jnp.einsum("bgtrs,bgsk->bgtrk", probs[..., st : st + n].astype(vb.dtype), vb,
+                                   preferred_element_type=F32)
+                        for st, n, vb in zip(starts, read_sizes, vals)
+                    )
             else:
                 m_new = new_mask & (new_win | ~local) if window else new_mask
                 parts = [scores_of(k, m_new, "btgrk,bsgk->bgtrs")]
