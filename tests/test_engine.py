@@ -114,23 +114,24 @@ def test_half_octave_spans_equal_full_forward():
         np.testing.assert_allclose([t.logprob, *t.top_logprobs], [row[t.token], *row[list(t.top_ids)]], atol=1e-4)
 
 
-def test_decode_skips_blocks_no_row_has_reached(engine: Engine):
+def test_decode_skips_blocks_no_row_needs(engine: Engine):
     """A decode over every row runs attention block by block and skips, at run
-    time, the blocks past the longest row (a span of 64 in blocks of 16 read
-    at positions < 48 skips the last block); the log-probs equal the full
-    forward's. A decode over a prefix of the rows keeps the one softmax."""
+    time, the blocks no row needs: a span of 128 in blocks of 16 read at
+    positions < 80 skips the last three, and Gemma's sliding-window layers
+    (window 16) skip the blocks behind every row's window. The log-probs equal
+    the full forward's. A decode over a prefix of the rows keeps the one softmax."""
     eng = Engine(make_model(engine.cfg), dataclasses.replace(ENGINE_CFG, kv_block_max=16, lazy_compile=True))
-    assert eng.kv_blocks == (16, 16, 16, 16, 16, 16, 16, 16)
+    assert eng.kv_blocks == (16,) * 8
     params = SamplingParams(logprobs=4)
-    prompts = [prompt_of(n, seed=20 + n) for n in (6, 21, 9, 14)]
+    prompts = [prompt_of(n, seed=20 + n) for n in (34, 40, 36, 60)]
     out = [[eng.prefill(slot, p, params)] for slot, p in enumerate(prompts)]
     spans = []
-    for _ in range(13):  # the longest row goes from position 21 to 33: spans 32, then 64
+    for _ in range(13):  # the longest row goes from position 60 to 72: spans 64, then 128
         step = eng.decode([0, 1, 2, 3]).result()
         spans.append(eng.last_decode_variant)
         for slot in range(4):
             out[slot].append(step[slot])
-    assert spans[0] == (4, 32) and spans[-1] == (4, 64)
+    assert spans[0] == (4, 64) and spans[-1] == (4, 128)
     for slot, p in enumerate(prompts):
         ref = full_forward_logprobs(eng.reference_model(), p + [t.token for t in out[slot]])
         for i, t in enumerate(out[slot]):
@@ -138,13 +139,13 @@ def test_decode_skips_blocks_no_row_has_reached(engine: Engine):
             assert t.token == int(np.argmax(row))
             np.testing.assert_allclose([t.logprob, *t.top_logprobs], [row[t.token], *row[list(t.top_ids)]],
                                        atol=1e-4)
-    conds = {k: eng._compiled[k].as_text().count(" conditional(") for k in [("decode", 4, 64, True)]}
+    every_row = eng._compiled[("decode", 4, 128, True)].as_text().count(" conditional(")
     for slot in (1, 2, 3):
         eng.release(slot)
     eng.decode([0]).result()  # row 0 alone: a prefix of the 4 rows, read as a slice
-    assert eng.last_decode_variant == (1, 32)  # two blocks of 16
-    one_row = eng._compiled[("decode", 1, 32, True)].as_text().count(" conditional(")  # sampling's own
-    assert conds[("decode", 4, 64, True)] - one_row == 3 * eng.cfg.num_layers  # blocks 2-4 of 4, every layer
+    assert eng.last_decode_variant == (1, 64)  # four blocks of 16
+    one_row = eng._compiled[("decode", 1, 64, True)].as_text().count(" conditional(")  # sampling's own
+    assert every_row - one_row == 8 * eng.cfg.num_layers  # each of the 8 blocks, every layer
 
 
 def test_one_slot_engine_pads_a_cache_row(engine: Engine):

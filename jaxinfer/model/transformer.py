@@ -143,8 +143,9 @@ class KVCache:
 
 
 # Decode over every row: attend block by block and skip, at run time, the blocks
-# no row has reached (batch 32 at context 1030 on CPU, span 2048 in blocks of 128:
-# 140.6 -> 122.0 ms per step). A module switch so the old path stays one edit away.
+# no row needs: past every row, or behind every row's sliding window (batch 32 at
+# context 1030 on CPU, span 2048 in blocks of 128: 140.6 -> 122.0 ms per step). A
+# module switch so the old path stays one edit away.
 _SKIP_BLOCKS = True
 
 
@@ -380,42 +381,47 @@ class Transformer(nnx.Module):
                 return lax.dynamic_slice(c, (idx, 0, 0, 0, 0), (1, B, G, span, Hd))[0]
             return c[idx, slots, :, :span]  # a gather of just these rows
 
-        def skip_past_blocks(qg, keys, vals, m_old, limit):
-            """Attention over the blocks one at a time with a running softmax; a
-            block that starts at or past ``limit`` (no row has a position there
-            yet) is skipped at run time (``lax.cond``), so a step reads the
-            blocks its rows have reached, not the whole static span."""
+        def skip_blocks(qg, keys, vals, m_old, limit, low):
+            """Attention over the blocks one at a time with a running softmax. A
+            block no row can see is skipped at run time (``lax.cond``): one that
+            starts at or past ``limit`` (no row has reached it), or, in a
+            sliding-window layer, one that ends at or before ``low`` (behind
+            every row's window). A step reads the blocks its rows need, not the
+            whole static span."""
             def scores(j):
                 st, n = starts[j], read_sizes[j]
                 s = jnp.einsum("btgrk,bgks->bgtrs", qg, keys[j].astype(qg.dtype), preferred_element_type=F32)
                 return jnp.where(m_old[:, None, :, None, st : st + n], s * cfg.attn_scale, -1e30)
 
-            def pv(p, j):
-                return jnp.einsum("bgtrs,bgsk->bgtrk", p.astype(vals[j].dtype), vals[j], preferred_element_type=F32)
-
-            s = scores(0)
-            m = s.max(-1)
-            p = jnp.exp(s - m[..., None])
-            carry = (m, p.sum(-1), pv(p, 0))
-            for j in range(1, len(keys)):
+            B_, T_, G_, R_, Hd_ = qg.shape
+            carry = (jnp.full((B_, G_, T_, R_), -1e30, F32), jnp.zeros((B_, G_, T_, R_), F32),
+                     jnp.zeros((B_, G_, T_, R_, Hd_), F32))
+            for j in range(len(keys)):
                 def update(carry, j=j):
                     m, total, acc = carry
                     s = scores(j)
                     m_new = jnp.maximum(m, s.max(-1))
-                    corr = jnp.exp(m - m_new)
+                    corr = jnp.exp(m - m_new)  # 0 once a real score replaces the -1e30 start
                     p = jnp.exp(s - m_new[..., None])
-                    return m_new, total * corr + p.sum(-1), acc * corr[..., None] + pv(p, j)
+                    pv = jnp.einsum("bgtrs,bgsk->bgtrk", p.astype(vals[j].dtype), vals[j], preferred_element_type=F32)
+                    return m_new, total * corr + p.sum(-1), acc * corr[..., None] + pv
 
-                carry = lax.cond(starts[j] < limit, update, lambda c: c, carry)
+                live = starts[j] < limit
+                if low is not None:
+                    live = live & (starts[j] + read_sizes[j] > low)
+                carry = lax.cond(live, update, lambda c: c, carry)
             _, total, acc = carry
-            return acc / total[..., None]
+            return acc / jnp.where(total > 0, total, 1.0)[..., None]  # no live block: no row decodes
 
         eps, off = cfg.rms_norm_eps, cfg.norm_offset
         ctx = dict(positions=positions, slots=slots, rows=rows, new_mask=new_mask, new_win=new_win,
                    old_mask=old_mask if use_cache else None, old_win=old_win if use_cache else None,
                    rope_local=rope_local, rope_global=rope_global)
         if cache_only:  # one past the last position any row writes (padding sits at >= max_len)
-            ctx["kv_limit"] = jnp.max(jnp.where(positions < cache.max_len, positions, -1)) + 1
+            valid = positions < cache.max_len
+            ctx["kv_limit"] = jnp.max(jnp.where(valid, positions, -1)) + 1
+            if window:  # the first position any row's window still sees
+                ctx["kv_low"] = jnp.min(jnp.where(valid, positions, cache.max_len)) - window + 1
         weights = None if layer_params is not None else {
             k: v[...] for k, v in vars(self.layers).items() if isinstance(v, nnx.Param)
         }
@@ -435,6 +441,7 @@ class Transformer(nnx.Module):
             positions, slots = c["positions"], c["slots"]
             new_mask, new_win, old_mask, old_win = c["new_mask"], c["new_win"], c["old_mask"], c["old_win"]
             rope_local, rope_global = c["rope_local"], c["rope_global"]
+            window_static = bool(window) and local is True  # unrolled: a static bool per layer
             local = jnp.asarray(local)
             ax = 0 if t else -1
             h = rms_norm(x, p["attn_norm"], eps, off, ax)
@@ -476,7 +483,7 @@ class Transformer(nnx.Module):
                 # only where every block is read whole: over a slice or gather of the rows, XLA
                 # CPU fuses the read into the cache write and copies each whole block per cond
                 if _SKIP_BLOCKS and len(keys) > 1 and slots is None and B == bufs[0][0].shape[0]:
-                    attn = skip_past_blocks(qg, keys, vals, m_old, c["kv_limit"])
+                    attn = skip_blocks(qg, keys, vals, m_old, c["kv_limit"], c["kv_low"] if window_static else None)
                 else:
                     raw = [jnp.einsum("btgrk,bgks->bgtrs", qg, kb.astype(q.dtype), preferred_element_type=F32)
                            for kb in keys]
