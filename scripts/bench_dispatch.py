@@ -75,6 +75,10 @@ def main(argv=None) -> int:
     fresh()
     eng.decode([0]).result()  # compile and warm
     row = {"label": args.label, "backend": jax.default_backend(), "preset": args.preset, "context": args.context}
+    # the buffers one decode call passes: weights (read-only) and the state it donates
+    _, span = eng.last_decode_variant
+    row["read_only_buffers"] = len(jax.tree.leaves(eng.params))
+    row["donated_buffers"] = len(jax.tree.leaves(eng._head(eng.state, span)))
     with _Lock(args.lock) if args.lock else nullcontext():
         for mode in ("pipelined", "awaited", "pipelined", "awaited"):
             fresh()
@@ -90,7 +94,8 @@ def main(argv=None) -> int:
             row[f"{mode}_ms"] = min(row.get(f"{mode}_ms", 1e9), total / args.steps * 1e3)
             row[f"{mode}_host_ms"] = min(row.get(f"{mode}_host_ms", 1e9), host / args.steps * 1e3)
     print(f"{args.label:>40}: step {row['pipelined_ms']:.2f} ms pipelined (host {row['pipelined_host_ms']:.2f} ms "
-          f"per call), {row['awaited_ms']:.2f} ms awaited (host {row['awaited_host_ms']:.2f})", flush=True)
+          f"per call), {row['awaited_ms']:.2f} ms awaited (host {row['awaited_host_ms']:.2f}); buffers per call: "
+          f"{row['read_only_buffers']} read-only, {row['donated_buffers']} donated", flush=True)
     with open(args.json, "a") as f:
         f.write(json.dumps(row) + "\n")
     return 0

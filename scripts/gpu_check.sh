@@ -4,7 +4,8 @@
 # 1, 64, 256; model-bandwidth utilisation; prefill TFLOP/s at 2048 tokens; one
 # decode step per call against 4; power-of-two attended spans against half
 # steps; the batch-1 matmul floor, the step's weight matmuls alone), the host
-# time per decode call, then the engine and parity tests on the GPU.
+# time per decode call and the runtime's host cost per buffer passed, then the
+# engine and parity tests on the GPU.
 # On a machine without a GPU it runs the same steps end to end on a tiny shape,
 # so the script cannot rot.
 #
@@ -12,7 +13,8 @@
 #
 # The benchmark runs first: on a short lease its figures are what must come
 # back. Each phase can be held to a time limit (seconds; 0, the default, means
-# none): GPU_CHECK_BENCH_LIMIT, GPU_CHECK_DISPATCH_LIMIT, GPU_CHECK_TEST_LIMIT.
+# none): GPU_CHECK_BENCH_LIMIT, GPU_CHECK_DISPATCH_LIMIT, GPU_CHECK_BUFFERS_LIMIT,
+# GPU_CHECK_TEST_LIMIT.
 # The benchmark writes its JSON after every case, so a phase cut short still
 # reports what it measured.
 # On one H200 (2026-11-30, before the span and dispatch phases were added) the
@@ -99,6 +101,24 @@ for flags in "" "--xla_gpu_enable_command_buffer="; do
     2>>"$OUT/dispatch.log" &
 done
 wait
+
+# The runtime's host cost per buffer passed (read-only and donated), and how much
+# of a decode call's host time the engine's buffers account for.
+echo "== host cost per buffer (log: $OUT/buffers.log)"
+XLA_PYTHON_CLIENT_MEM_FRACTION=0.2 limit "${GPU_CHECK_BUFFERS_LIMIT:-0}" python3 scripts/bench_buffers.py \
+  --json "$OUT/buffers.json" 2>"$OUT/buffers.log"
+python3 - "$OUT/buffers.json" "$OUT/dispatch.json" <<'PY' || true
+import json, sys
+b = json.load(open(sys.argv[1]))
+for line in open(sys.argv[2]):
+    d = json.loads(line)
+    if "read_only_buffers" not in d:
+        continue
+    ro, don = d["read_only_buffers"], d["donated_buffers"]
+    est = (ro * b["read_only_host_us_per_buffer"] + don * b["donated_host_us_per_buffer"]) / 1e3
+    print(f"{d['label']}: a decode call passes {ro} read-only and {don} donated buffers; at the measured cost "
+          f"per buffer that is ~{est:.2f} ms of the {d['pipelined_host_ms']:.2f} ms host time per call")
+PY
 
 # Parity needs true float32 matmuls (GPUs default to TF32 for float32).
 echo "== tests on $backend (log: $OUT/tests.log)"
