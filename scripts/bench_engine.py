@@ -361,6 +361,7 @@ def main(argv=None) -> int:
 
     from jaxinfer.checkpoint import load_checkpoint, resolve_model
     from jaxinfer.engine.engine import enable_compilation_cache
+    from jaxinfer.engine.engine import param_bytes as engine_param_bytes
     from jaxinfer.model.transformer import KVCache
     from jaxinfer.sharding import make_mesh
 
@@ -385,6 +386,7 @@ def main(argv=None) -> int:
     bw = measure_bandwidth()
     peak = measure_matmul_flops(dtype=args.dtype)
     param_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(ckpt.params))
+    n_params = sum(x.size for x in jax.tree.leaves(ckpt.params))
     res = Result(
         machine={"platform": platform.platform(), "cpus": os.cpu_count(), "backend": jax.default_backend(),
                  "devices": [str(d) for d in jax.devices()][:8], "jax": jax.__version__},
@@ -443,7 +445,7 @@ def main(argv=None) -> int:
             if hf is not None:
                 th = hf_prefill(hf, a, args.repeat)
                 row.update(transformers_s=th, speedup=th / t)
-            flops = 2 * a * param_bytes / np.dtype(args.dtype).itemsize
+            flops = 2 * a * n_params
             row["tflops"] = flops / t / 1e12
             res.prefill.append(row)
             tqdm.write(f"prefill: {row}", file=sys.stderr)
@@ -452,8 +454,8 @@ def main(argv=None) -> int:
             eng = engine_for("decode", max(batches), decode_len)
             t = jax_decode(eng, batch, ctx, args.steps)
             kv_read = batch * (ctx + 1) * KVCache.bytes_per_token(cfg, eng.state.cache.dtype)
-            step_bytes = param_bytes + kv_read
-            n_params = param_bytes / np.dtype(args.dtype).itemsize
+            # the weights as the engine holds them (bfloat16 ones are float32 on a CPU)
+            step_bytes = engine_param_bytes(eng) + kv_read
             attn_flops = 4 * batch * (ctx + 1) * cfg.num_layers * cfg.num_heads * cfg.head_dim
             step_flops = 2 * batch * n_params + attn_flops
             if batch not in floors and batch in floor_batches:

@@ -172,6 +172,40 @@ def test_one_slot_engine_pads_a_cache_row(engine: Engine):
         one.prefill(1, short, params)
 
 
+def test_bfloat16_weights_are_held_as_float32_on_cpu():
+    """XLA CPU has no bfloat16 matmul: it converts every bfloat16 weight to
+    float32 on every call. A CPU engine holds bfloat16 weights as float32
+    instead: its tokens and log-probs are those of an engine given the same
+    values as float32, and its decode program converts no weight (the program
+    of an engine forced to hold them in bfloat16 does)."""
+    cfg = EngineConfig(slots=2, max_len=64, prefill_buckets=(16,), min_span=32, span_blocks=True, lazy_compile=True)
+    w = {k: jnp.asarray(v).astype(jnp.bfloat16) for k, v in random_weights(LLAMA_TINY, seed=3, scale=0.15).items()}
+    e16 = Engine(Transformer(LLAMA_TINY, params=nest(w)), cfg)
+    e32 = Engine(Transformer(LLAMA_TINY, params=nest({k: v.astype(jnp.float32) for k, v in w.items()})), cfg)
+    forced = Engine(Transformer(LLAMA_TINY, params=nest(w)), dataclasses.replace(cfg, weight_dtype="bfloat16"))
+    on_cpu = jax.default_backend() == "cpu"
+    assert e16.checkpoint_dtype == jnp.bfloat16 and forced.dtype == jnp.bfloat16
+    assert forced.state.cache.dtype == jnp.bfloat16
+    held = jnp.float32 if on_cpu else jnp.bfloat16
+    assert e16.dtype == held and e16.state.cache.dtype == held
+    assert all(a.dtype == held for a in jax.tree.leaves(e16.params) if a.size)
+    if on_cpu:
+        assert "weights float32 (checkpoint bfloat16)" in e16.describe()
+        prompt, params = prompt_of(20, seed=9), SamplingParams(logprobs=5)
+        got = e16.generate([prompt], params, max_tokens=6, ignore_eos=True)[0]
+        want = e32.generate([prompt], params, max_tokens=6, ignore_eos=True)[0]
+        assert len(got["token_ids"]) == 6 and got == want
+
+        def decode_hlo(eng):
+            exe, _ = eng._compile_variant(("decode", eng.decode_rows[0], eng.spans[0], True))
+            return exe.as_text()
+
+        gate_up = "f32[%d,%d]" % (2 * LLAMA_TINY.intermediate_size, LLAMA_TINY.hidden_size)
+        converts = lambda text: [ln for ln in text.splitlines() if "convert" in ln and gate_up in ln]  # noqa: E731
+        assert converts(decode_hlo(forced)), "the bfloat16 engine was expected to convert its weights per call"
+        assert not converts(decode_hlo(e16))
+
+
 def test_multi_step_decode_equals_single_steps(engine: Engine):
     """decode(active, steps=3) -- three steps in one device loop -- gives the same
     tokens, logprobs and top alternatives as three one-step calls, for a seeded

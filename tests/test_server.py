@@ -530,7 +530,7 @@ def test_serve_help_lists_the_flags():
     serve.register(parser.add_subparsers(dest="command"))
     text = parser._subparsers._group_actions[0].choices["serve"].format_help()
     for flag in ("--model", "--port", "--host", "--mesh", "--slots", "--max-len", "--max-queue-requests",
-                 "--max-queue-tokens", "--dtype", "--auth-token-file", "--tls-cert", "--tls-key", "--metrics-port",
+                 "--max-queue-tokens", "--dtype", "--weight-dtype", "--auth-token-file", "--tls-cert", "--tls-key", "--metrics-port",
                  "--grace-period", "smollm2-135m-instruct"):
         assert flag in text
 

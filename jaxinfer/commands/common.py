@@ -22,7 +22,12 @@ def add_model_args(p: argparse.ArgumentParser, *, slots: int = 8, max_len: int =
         f"into ~/.cache/jaxinfer (or $JAXINFER_CACHE). Default: {DEFAULT_MODEL}",
     )
     g.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
-                   help="weight and activation dtype (default: the checkpoint's; float32 when converting)")
+                   help="checkpoint dtype to load or convert to (default: the checkpoint's; float32 when "
+                   "converting)")
+    g.add_argument("--weight-dtype", choices=["float32", "bfloat16"], default=None,
+                   help="dtype the engine holds the weights in and computes with (default: the checkpoint's, "
+                   "except bfloat16 on a CPU, held as float32: XLA CPU has no bfloat16 matmul and would convert "
+                   "every weight on every step, ~10x slower)")
     g.add_argument("--mesh", default=None, metavar="data=D,model=M",
                    help="device mesh, e.g. data=2,model=4 (default: one device)")
     g.add_argument("--slots", type=int, default=slots, help=f"KV cache slots = concurrent sequences (default {slots})")
@@ -64,6 +69,8 @@ def build_engine(args: argparse.Namespace, *, lazy_compile: bool):
         cfg = dataclasses.replace(cfg, decode_steps=args.decode_steps)
     if getattr(args, "span_steps", None) is not None:
         cfg = dataclasses.replace(cfg, span_steps=args.span_steps)
+    if getattr(args, "weight_dtype", None) is not None:
+        cfg = dataclasses.replace(cfg, weight_dtype=args.weight_dtype)
     engine = Engine.from_checkpoint(path, mesh=args.mesh, dtype=args.dtype, config=cfg)
     engine.checkpoint_path = path
     log.info("%s", engine.describe())
