@@ -416,6 +416,38 @@ def _draw(n=4000, **kw) -> np.ndarray:
     return np.asarray(out.token)
 
 
+@pytest.mark.parametrize("V", [49152, 1024, 100])  # chunks of 512, of 512 at 2 chunks, none (plain form)
+def test_max_argmax_is_the_first_index_of_the_max(V):
+    from jaxinfer.engine.sampling import logsumexp_from_max, max_argmax
+
+    rng = np.random.default_rng(V)
+    x = rng.standard_normal((2, 6, V)).astype(np.float32)
+    x[0, 1, [7, V // 2, V - 1]] = 9.0  # ties: the first wins
+    x[0, 2, [V - 1, V - 2]] = 9.0  # tie in the last chunk
+    x[0, 3, :] = -np.inf  # a fully masked row: index 0, max -inf
+    x[0, 4, :] = 1.5  # all equal
+    x[1, 0, [V // 3, V // 3 + 1]] = 7.0
+    m, i = jax.jit(max_argmax)(jnp.asarray(x))
+    np.testing.assert_array_equal(np.asarray(i), np.argmax(x, axis=-1))
+    np.testing.assert_array_equal(np.asarray(m), np.max(x, axis=-1))
+    lse = logsumexp_from_max(jnp.asarray(x), m)
+    np.testing.assert_allclose(np.asarray(lse), np.asarray(jax.nn.logsumexp(jnp.asarray(x), axis=-1)), rtol=1e-6)
+
+
+def test_penalised_greedy_rows_beside_plain_ones():
+    """The penalty branch picks greedy tokens from the penalised logits; rows
+    without penalties, in the same batch, from the raw ones."""
+    logits = jnp.asarray(np.random.default_rng(0).standard_normal((2, 1024)).astype(np.float32))
+    top = int(jnp.argmax(logits[0]))
+    seen = jnp.zeros((2, 1024), bool).at[:, top].set(True)
+    counts = jnp.zeros((2, 1024), jnp.int32).at[:, top].set(3)
+    rows = SlotSampling.zeros(2)
+    rows = dataclasses.replace(rows, frequency_penalty=jnp.asarray([2.0, 0.0]))
+    out = jax.jit(sample)(jax.numpy.stack([logits[0], logits[0]]), rows, counts, seen, jnp.zeros((2,), jnp.int32))
+    second = int(np.argsort(np.asarray(logits[0]))[-2])
+    assert [int(t) for t in out.token] == [second, top]
+
+
 def test_top_k_never_leaves_the_k_best():
     toks = _draw(temperature=1.5, top_k=3)
     assert set(np.unique(toks)) <= {0, 1, 2}

@@ -119,9 +119,46 @@ def filter_top_k_top_p(x, s: SlotSampling):
 def argmax_first(x: jax.Array) -> jax.Array:
     """argmax over the last axis (first index on ties), as a max and a min
     reduction: several times faster than XLA CPU's variadic argmax reduce."""
-    m = jnp.max(x, axis=-1, keepdims=True)
-    iota = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
-    return jnp.min(jnp.where(x == m, iota, x.shape[-1]), axis=-1)
+    return max_argmax(x)[1]
+
+
+def _chunk(n: int) -> int:
+    """The largest chunk length from 512 down to 64 that divides n; 0 if none does."""
+    return next((c for c in (512, 256, 128, 64) if n % c == 0 and n > c), 0)
+
+
+def max_argmax(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(max, first index of the max) over the last axis, reading x once.
+
+    x is cut into chunks (no copy: a reshape); a pass takes each chunk's max,
+    the first chunk whose max is the row's max is picked from those few values,
+    and the first index of the max is found in that chunk alone. The plain
+    form (max, then the minimum index where x equals it) reads x twice and, on
+    XLA CPU, writes two more [..., V] arrays: with a 262144-token vocabulary at
+    32 rows, ~18 ms against ~1 ms. Rows too short to chunk use the plain form."""
+    V = x.shape[-1]
+    c = _chunk(V)
+    if not c:
+        m = jnp.max(x, axis=-1)
+        iota = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
+        return m, jnp.min(jnp.where(x == m[..., None], iota, V), axis=-1)
+    xc = x.reshape(*x.shape[:-1], V // c, c)
+    cmax = jnp.max(xc, axis=-1)  # [..., V // c]
+    m = jnp.max(cmax, axis=-1)
+    n = V // c
+    iota = jax.lax.broadcasted_iota(jnp.int32, cmax.shape, cmax.ndim - 1)
+    blk = jnp.minimum(jnp.min(jnp.where(cmax == m[..., None], iota, n), axis=-1), n - 1)
+    inner = jnp.take_along_axis(xc, blk[..., None, None], axis=-2)[..., 0, :]  # [..., c]
+    iota = jax.lax.broadcasted_iota(jnp.int32, inner.shape, inner.ndim - 1)
+    idx = jnp.minimum(jnp.min(jnp.where(inner == m[..., None], iota, c), axis=-1), c - 1)
+    return m, (blk * c + idx).astype(jnp.int32)
+
+
+def logsumexp_from_max(x: jax.Array, m: jax.Array) -> jax.Array:
+    """logsumexp over the last axis given its max ``m`` (as jax.nn.logsumexp
+    computes it, without a second pass for the max)."""
+    safe = jnp.where(jnp.isfinite(m), m, 0.0)
+    return safe + jnp.log(jnp.sum(jnp.exp(x - safe[..., None]), axis=-1))
 
 
 def inverse_cdf(probs: jax.Array, u: jax.Array, block: int = 256) -> jax.Array:
@@ -166,7 +203,8 @@ def sample(logits, s: SlotSampling, counts, seen, positions, *, greedy_only: boo
     Log-probabilities are gathered as logit - logsumexp: no [B, V] array of
     them is ever written."""
     B, V = logits.shape
-    lse = jax.nn.logsumexp(logits, axis=-1)
+    m_raw, argmax_raw = max_argmax(logits)
+    lse = logsumexp_from_max(logits, m_raw)
     n_top = min(MAX_TOP_LOGPROBS, V)
 
     def top(lg):
@@ -179,8 +217,6 @@ def sample(logits, s: SlotSampling, counts, seen, positions, *, greedy_only: boo
         top_lp, top_ids = jax.lax.cond(
             want_top, top, lambda lg: (jnp.zeros((B, n_top), F32), jnp.zeros((B, n_top), jnp.int32)), logits)
     penalised = jnp.any((s.repetition_penalty != 1.0) | (s.presence_penalty != 0.0) | (s.frequency_penalty != 0.0))
-    x = jax.lax.cond(penalised, lambda lg: apply_penalties(lg, s, counts, seen), lambda lg: lg, logits)
-    greedy_tok = argmax_first(x)
 
     def draw(x):
         temp = jnp.where(s.temperature > 0, s.temperature, 1.0)[:, None]
@@ -192,11 +228,19 @@ def sample(logits, s: SlotSampling, counts, seen, positions, *, greedy_only: boo
         u = jax.vmap(lambda k: jax.random.uniform(k, dtype=F32))(jax.vmap(_slot_key)(s.seed, positions))
         return inverse_cdf(jax.nn.softmax(x, axis=-1), u)
 
-    # Greedy-only batches skip the sampling work entirely.
-    if greedy_only:
-        token = greedy_tok
-    else:
+    def pick(x, greedy_tok):
+        # Greedy-only batches skip the sampling work entirely.
+        if greedy_only:
+            return greedy_tok
         sampled = jax.lax.cond(jnp.any(s.temperature > 0), draw, lambda x: greedy_tok, x)
-        token = jnp.where(s.temperature > 0, sampled, greedy_tok)
+        return jnp.where(s.temperature > 0, sampled, greedy_tok)
+
+    def with_penalties(lg):
+        x = apply_penalties(lg, s, counts, seen)
+        return pick(x, argmax_first(x))
+
+    # Both branches return tokens, not logits: a branch returning its [B, V]
+    # operand unchanged would copy it.
+    token = jax.lax.cond(penalised, with_penalties, lambda lg: pick(lg, argmax_raw), logits)
     lp = jnp.take_along_axis(logits, token[:, None], axis=-1)[:, 0] - lse
     return Sampled(token, lp, top_ids, top_lp)
