@@ -43,7 +43,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxinfer import sharding as shd
 from jaxinfer.config import ModelConfig
-from jaxinfer.engine.sampling import Sampled, SlotSampling, argmax_first, sample
+from jaxinfer.engine.sampling import Sampled, SlotSampling, logsumexp_from_max, max_argmax, sample
 from jaxinfer.engine.types import EngineStats, SamplingParams, ScoreOutput, SlotToken
 from jaxinfer.model.transformer import KVCache, Transformer
 
@@ -579,9 +579,10 @@ class Engine:
             def chunk(args):
                 h, t = args
                 logits = model.logits(h)  # [P, C, V] for this chunk only
-                lse = jax.nn.logsumexp(logits, axis=-1)
+                m, greedy = max_argmax(logits)
+                lse = logsumexp_from_max(logits, m)
                 tl = jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0]
-                return tl - lse, argmax_first(logits) == t
+                return tl - lse, greedy == t
 
             lp, greedy = jax.lax.map(chunk, (hc, tc))
             return lp.swapaxes(0, 1).reshape(P, T), greedy.swapaxes(0, 1).reshape(P, T)
