@@ -434,6 +434,21 @@ def test_max_argmax_is_the_first_index_of_the_max(V):
     np.testing.assert_allclose(np.asarray(lse), np.asarray(jax.nn.logsumexp(jnp.asarray(x), axis=-1)), rtol=1e-6)
 
 
+@pytest.mark.parametrize("k", [20, 64])
+def test_top_candidates_equal_a_full_top_k(k):
+    from jaxinfer.engine.sampling import top_candidates
+
+    rng = np.random.default_rng(k)
+    x = rng.standard_normal((3, 8192)).astype(np.float32)
+    x[1, rng.choice(8192, 40, replace=False)] = 5.0  # many equal maxima across chunks
+    x[2, :4096] = np.round(x[2, :4096])  # heavy ties
+    vals, ids = jax.jit(top_candidates, static_argnums=1)(jnp.asarray(x), k)
+    want = np.sort(x, axis=-1)[:, ::-1][:, :k]
+    np.testing.assert_array_equal(np.asarray(vals), want)
+    np.testing.assert_array_equal(np.take_along_axis(x, np.asarray(ids), axis=-1), want)
+    assert all(len(set(r)) == k for r in np.asarray(ids).tolist())
+
+
 def test_penalised_greedy_rows_beside_plain_ones():
     """The penalty branch picks greedy tokens from the penalised logits; rows
     without penalties, in the same batch, from the raw ones."""
@@ -467,6 +482,74 @@ def test_min_p_and_plain_temperature():
     toks = _draw(temperature=1.0)
     freq = np.bincount(toks, minlength=7) / len(toks)
     np.testing.assert_allclose(freq, np.exp(np.asarray(LOGITS)), atol=0.03)
+
+
+# A vocabulary large enough for the chunked paths: five tokens in different
+# chunks stand out of a background that holds ~30% of the mass at temperature 1.
+BIG_V = 8192
+SPECIAL = {5: 3.0, 700: 2.5, 3001: 2.0, 4095: 1.0, 8000: 0.5}
+BIG_CASES = [
+    dict(temperature=1.0),  # no filter: two-level draw over the vocabulary
+    dict(temperature=0.8, top_p=0.8),  # nucleus among the candidates, mass over the vocabulary
+    dict(temperature=1.0, top_k=3),  # among the candidates
+    dict(temperature=1.0, min_p=0.1),  # among the candidates
+    dict(temperature=1.0, top_k=100),  # top-k past the candidates: bisection
+    dict(temperature=0.8, top_p=0.95),  # nucleus past the candidates: bisection
+]
+
+
+def _big_logits() -> np.ndarray:
+    x = -6.0 + 0.01 * np.random.default_rng(0).standard_normal(BIG_V)
+    for i, v in SPECIAL.items():
+        x[i] = v
+    return x.astype(np.float32)
+
+
+def _filtered_probs(x: np.ndarray, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0) -> np.ndarray:
+    """The distribution the filters define, computed the plain way (numpy, float64)."""
+    z = x.astype(np.float64) / temperature
+    p = np.exp(z - z.max())
+    p /= p.sum()
+    keep = p >= min_p * p.max()
+    if top_k:
+        keep &= z >= np.sort(z[keep])[::-1][min(top_k, keep.sum()) - 1]
+    p = np.where(keep, p, 0.0)
+    p /= p.sum()
+    if top_p < 1.0:
+        srt = np.sort(p)[::-1]
+        n = int(np.argmax(np.cumsum(srt) >= top_p * (1 - 1e-6)))
+        p = np.where(p >= srt[n], p, 0.0)
+        p /= p.sum()
+    return p
+
+
+def test_large_vocabulary_sampling_follows_the_filters():
+    """Each path of the sampler (candidates, two-level draw over the whole
+    vocabulary, bisection) on a vocabulary of 8192: every token lies in the
+    filtered support, frequencies match the filtered distribution, and each
+    row's token in a batch mixing all the cases is the one it draws alone."""
+    n, x = 3000, _big_logits()
+    logits = jnp.broadcast_to(jnp.asarray(x), (n, BIG_V))
+    zeros = jnp.zeros((n, BIG_V), jnp.int32)
+    run = jax.jit(sample)
+    alone = []
+    for kw in BIG_CASES:
+        toks = np.asarray(run(logits, _rows(n, **kw), zeros, zeros.astype(bool), jnp.zeros((n,), jnp.int32)).token)
+        alone.append(toks)
+        p = _filtered_probs(x, **kw)
+        assert np.all(p[toks] > 0), kw
+        freq = np.bincount(toks, minlength=BIG_V) / n
+        for i in SPECIAL:
+            assert abs(freq[i] - p[i]) < 0.03, (kw, i, freq[i], p[i])
+        rest = [i for i in range(BIG_V) if i not in SPECIAL]
+        assert abs(freq[rest].sum() - p[rest].sum()) < 0.03, kw
+    mixed = [SlotSampling.host_row(SamplingParams(**BIG_CASES[i % len(BIG_CASES)]), 0) for i in range(n)]
+    rows = {k: np.stack([r[k] for r in mixed]) for k in mixed[0]}
+    rows["seed"] = np.stack([np.array([0, i], np.uint32) for i in range(n)])
+    out = run(logits, SlotSampling(**{k: jnp.asarray(v) for k, v in rows.items()}), zeros, zeros.astype(bool),
+              jnp.zeros((n,), jnp.int32))
+    want = np.array([alone[i % len(BIG_CASES)][i] for i in range(n)])
+    np.testing.assert_array_equal(np.asarray(out.token), want)
 
 
 def test_greedy_and_seed_reproducible():

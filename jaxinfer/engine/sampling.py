@@ -161,6 +161,65 @@ def logsumexp_from_max(x: jax.Array, m: jax.Array) -> jax.Array:
     return safe + jnp.log(jnp.sum(jnp.exp(x - safe[..., None]), axis=-1))
 
 
+# Rows sample among this many top candidates when their filters keep no more.
+N_CANDIDATES = 64
+_CAND_CHUNK = 64
+
+
+def top_candidates(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    """The k largest entries of each row of x [B, V], descending, and their
+    indices, reading x once: the k chunks (of 64) with the largest maxima hold
+    every entry above the k-th largest value, so one top-k runs over those k
+    chunks alone. XLA CPU's top-k over a whole row is several times slower (and
+    a sort of it ~100x). Small vocabularies take one top-k."""
+    B, V = x.shape
+    c = _CAND_CHUNK
+    if V % c or V // c < 2 * k:
+        v, i = jax.lax.top_k(x, k)
+        return v, i.astype(jnp.int32)
+    xc = x.reshape(B, V // c, c)
+    _, chunks = jax.lax.top_k(jnp.max(xc, axis=-1), k)  # [B, k]
+    sub = jnp.take_along_axis(xc, chunks[:, :, None], axis=1).reshape(B, k * c)
+    v, pos = jax.lax.top_k(sub, k)
+    ids = jnp.take_along_axis(chunks, pos // c, axis=1) * c + pos % c
+    return v, ids.astype(jnp.int32)
+
+
+def _kept_weights(z, temp, t, m):
+    """exp(z / temp - m) where z / temp >= t, else 0 (z: raw logits, any rank;
+    temp, t, m: [B], broadcast over z's trailing axes)."""
+    shape = (-1,) + (1,) * (z.ndim - 1)
+    zt = z / temp.reshape(shape)
+    return jnp.where(zt >= t.reshape(shape), jnp.exp(zt - m.reshape(shape)), 0.0)
+
+
+def kept_mass(x, temp, t, m):
+    """[B] sum of exp(x / temp - m) over the entries with x / temp >= t, in one
+    pass that writes no [B, V] array."""
+    return jnp.sum(_kept_weights(x, temp, t, m), axis=-1)
+
+
+def draw_above(x, temp, t, m, u):
+    """One index per row from softmax(x / temp) restricted to x / temp >= t
+    (x: raw logits [B, V]; temp, t, m (the row max of x / temp), u: [B]):
+    inverse-CDF sampling in two levels, block sums in one fused pass, then the
+    chosen block alone, so no [B, V] array of probabilities is written."""
+    B, V = x.shape
+    c = _chunk(V)
+    if not c:
+        return inverse_cdf(_kept_weights(x, temp, t, m), u)
+    xb = x.reshape(B, V // c, c)
+    cdf = jnp.cumsum(jnp.sum(_kept_weights(xb, temp, t, m), axis=-1), axis=-1)  # [B, nb]
+    nb = V // c
+    target = u * cdf[:, -1]
+    blk = jnp.minimum(jnp.sum(cdf < target[:, None], axis=-1), nb - 1)
+    before = jnp.where(blk > 0, jnp.take_along_axis(cdf, jnp.maximum(blk - 1, 0)[:, None], 1)[:, 0], 0.0)
+    inner = _kept_weights(jnp.take_along_axis(xb, blk[:, None, None], axis=1)[:, 0], temp, t, m)  # [B, c]
+    idx = jnp.sum(before[:, None] + jnp.cumsum(inner, axis=-1) < target[:, None], axis=-1)
+    last = c - 1 - argmax_first((inner[:, ::-1] > 0).astype(jnp.int32))
+    return (blk * c + jnp.minimum(idx, last)).astype(jnp.int32)
+
+
 def inverse_cdf(probs: jax.Array, u: jax.Array, block: int = 256) -> jax.Array:
     """Draw one index per row of ``probs`` [B, V] with one uniform ``u`` [B] each.
 
@@ -188,6 +247,82 @@ def _slot_key(seed, pos):
     return jax.random.fold_in(key, pos)
 
 
+def _draw_bisected(x, s: SlotSampling, u):
+    """The general path: min-p, then top-k and top-p thresholds found by
+    bisection over the whole vocabulary, then inverse-CDF sampling. Exact for
+    any filters; several passes over [B, V] per bisection step."""
+    temp = jnp.where(s.temperature > 0, s.temperature, 1.0)[:, None]
+    x = x / temp
+    probs = jax.nn.softmax(x, axis=-1)
+    x = jnp.where(probs >= s.min_p[:, None] * jnp.max(probs, axis=-1, keepdims=True), x, NEG)
+    need_filter = jnp.any((s.temperature > 0) & ((s.top_k > 0) | (s.top_p < 1.0)))
+    x = jax.lax.cond(need_filter, lambda z: filter_top_k_top_p(z, s), lambda z: z, x)
+    return inverse_cdf(jax.nn.softmax(x, axis=-1), u)
+
+
+def draw_filtered(x, s: SlotSampling, u) -> jax.Array:
+    """One token per row from softmax(x / temperature) after min-p, top-k and
+    top-p (x: raw logits [B, V]; u: one uniform per row). Rows at temperature 0
+    get a value that the caller discards.
+
+    A row whose filters keep only tokens among its N_CANDIDATES largest logits
+    (top-k below that; or a nucleus reached within them) samples among those
+    candidates, with the thresholds computed exactly on them (top-p's mass over
+    the whole vocabulary needs one fused pass when no top-k bounds it). A row
+    with no top-k or top-p (temperature, min-p) samples over the vocabulary in
+    two levels without writing probabilities. Any other row (a nucleus or top-k
+    reaching past the candidates, e.g. a flat distribution) takes the bisection
+    path. Each part runs only when some row needs it, and a row's token depends
+    only on its own logits, parameters and uniform."""
+    B, V = x.shape
+    temp = jnp.where(s.temperature > 0, s.temperature, 1.0)
+    K = min(N_CANDIDATES, V)
+    vals, ids = top_candidates(x, K)
+    c = vals / temp[:, None]  # descending
+    m, lowest = c[:, 0], c[:, K - 1]
+
+    def inside(t):  # every token with x / temp >= t is a candidate
+        return jnp.full(t.shape, True) if K == V else t > lowest
+
+    k = s.top_k
+    k_on = (k > 0) & (k < V)
+    k_far = k_on & (k > K)  # top-k past the candidates
+    t_k = jnp.where(k_on & ~k_far, jnp.take_along_axis(c, jnp.clip(k - 1, 0, K - 1)[:, None], 1)[:, 0], -jnp.inf)
+    t_min = jnp.where(s.min_p > 0, m + jnp.log(jnp.where(s.min_p > 0, s.min_p, 1.0)), -jnp.inf)
+    t1 = jnp.maximum(t_min, t_k)  # min-p and top-k; ties at a threshold are kept
+    e = jnp.where(c >= t1[:, None], jnp.exp(c - m[:, None]), 0.0)
+    p_on = s.top_p < 1.0
+    sampling = s.temperature > 0
+    # top-p is over the mass min-p and top-k keep in the whole vocabulary
+    full_z = sampling & p_on & ~k_far & ~inside(t1)
+    z = jnp.where(inside(t1), jnp.sum(e, axis=-1),
+                  jax.lax.cond(jnp.any(full_z), lambda: kept_mass(x, temp, t1, m), lambda: jnp.ones((B,), F32)))
+    reached = jnp.cumsum(e, axis=-1) >= (z * s.top_p * (1 - 1e-6))[:, None]
+    any_reached = jnp.any(reached, axis=-1)
+    n = argmax_first(reached.astype(jnp.int32))  # the nucleus: candidates [0, n], and ties of n
+    t_p = jnp.where(p_on & any_reached, jnp.take_along_axis(c, n[:, None], 1)[:, 0], -jnp.inf)
+    t = jnp.maximum(t1, t_p)
+    resolved = ~k_far & (~p_on | any_reached) & inside(t)
+
+    w = jnp.where(c >= t[:, None], e, 0.0)
+    cdf = jnp.cumsum(w, axis=-1)
+    idx = jnp.sum(cdf < (u * cdf[:, -1])[:, None], axis=-1)
+    last_kept = K - 1 - argmax_first((w[:, ::-1] > 0).astype(jnp.int32))
+    tok_cand = jnp.take_along_axis(ids, jnp.minimum(idx, last_kept)[:, None], 1)[:, 0]
+
+    plain = ~k_on & ~p_on  # temperature and min-p only: t1 is exact
+    tok_full = jax.lax.cond(jnp.any(sampling & ~resolved & plain), lambda: draw_above(x, temp, t1, m, u),
+                            lambda: jnp.zeros((B,), jnp.int32))
+    tok_bisect = jax.lax.cond(jnp.any(sampling & ~resolved & ~plain), lambda: _draw_bisected(x, s, u),
+                              lambda: jnp.zeros((B,), jnp.int32))
+    return jnp.where(resolved, tok_cand, jnp.where(plain, tok_full, tok_bisect))
+
+
+# The draw sample() traces (scripts/bench_sampling.py swaps in _draw_bisected
+# to time the two side by side).
+_DRAW = draw_filtered
+
+
 def sample(logits, s: SlotSampling, counts, seen, positions, *, greedy_only: bool = False,
            want_top=None) -> Sampled:
     """Sample one token per row. logits [B, V] f32 (raw model output); s, counts,
@@ -208,8 +343,8 @@ def sample(logits, s: SlotSampling, counts, seen, positions, *, greedy_only: boo
     n_top = min(MAX_TOP_LOGPROBS, V)
 
     def top(lg):
-        v, i = jax.lax.top_k(lg, n_top)
-        return v - lse[:, None], i.astype(jnp.int32)
+        v, i = top_candidates(lg, n_top)
+        return v - lse[:, None], i
 
     if want_top is None:
         top_lp, top_ids = top(logits)
@@ -219,14 +354,8 @@ def sample(logits, s: SlotSampling, counts, seen, positions, *, greedy_only: boo
     penalised = jnp.any((s.repetition_penalty != 1.0) | (s.presence_penalty != 0.0) | (s.frequency_penalty != 0.0))
 
     def draw(x):
-        temp = jnp.where(s.temperature > 0, s.temperature, 1.0)[:, None]
-        x = x / temp
-        probs = jax.nn.softmax(x, axis=-1)
-        x = jnp.where(probs >= s.min_p[:, None] * jnp.max(probs, axis=-1, keepdims=True), x, NEG)
-        need_filter = jnp.any((s.temperature > 0) & ((s.top_k > 0) | (s.top_p < 1.0)))
-        x = jax.lax.cond(need_filter, lambda z: filter_top_k_top_p(z, s), lambda z: z, x)
         u = jax.vmap(lambda k: jax.random.uniform(k, dtype=F32))(jax.vmap(_slot_key)(s.seed, positions))
-        return inverse_cdf(jax.nn.softmax(x, axis=-1), u)
+        return _DRAW(x, s, u)
 
     def pick(x, greedy_tok):
         # Greedy-only batches skip the sampling work entirely.
