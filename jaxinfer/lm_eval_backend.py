@@ -36,9 +36,17 @@ import logging
 import re
 from typing import Any
 
+import lm_eval.models  # noqa: F401  (lm-eval registers its own models on this import)
+from lm_eval.__main__ import cli_evaluate
 from lm_eval.api.model import LM
+from lm_eval.api.registry import model_registry, register_model
+from tqdm.auto import tqdm
 
-from jaxinfer.evaluation.backend import Backend, GenerationOptions, Prompt
+from jaxinfer.client import read_token_file
+from jaxinfer.engine.engine import EngineConfig, enable_compilation_cache
+from jaxinfer.evaluation.backend import Backend, EngineBackend, GenerationOptions, Prompt, ServerBackend
+from jaxinfer.evaluation.perplexity import evaluate_perplexity
+from jaxinfer.loading import DEFAULT_MODEL, build_engine, resolve
 
 log = logging.getLogger(__name__)
 
@@ -86,24 +94,15 @@ class JaxinferLM(LM):
             raise ValueError(f"rolling_prefix={rolling_prefix!r}: expected 'first' or 'eos'")
         if backend is None:
             if server:
-                from jaxinfer.evaluation.backend import ServerBackend
-
-                token = None
-                if auth_token_file:
-                    from server.auth import read_token_file
-
-                    token = read_token_file(auth_token_file)
+                token = read_token_file(auth_token_file) if auth_token_file else None
                 backend = ServerBackend(str(server), auth_token=token, concurrency=int(concurrency))
             else:
-                from jaxinfer.commands.common import DEFAULT_MODEL
-                from jaxinfer.evaluation.backend import EngineBackend
-                from jaxinfer.evaluation.loading import EngineSettings, open_engine
-
                 model = str(model or DEFAULT_MODEL)
-                settings = EngineSettings(slots=int(slots), max_len=int(max_len), dtype=dtype, mesh=parse_mesh(mesh))
-                engine, path, st = open_engine(model, settings, model_config=model_config,
-                                               step=None if step is None else int(step), tokenizer=tokenizer)
-                backend = EngineBackend(engine, model=model, checkpoint=path, step=st)
+                enable_compilation_cache()
+                source = resolve(model, dtype=dtype, model_config=model_config, step=None if step is None else int(step))
+                engine = build_engine(source, EngineConfig(slots=int(slots), max_len=int(max_len), lazy_compile=True),
+                                      mesh=parse_mesh(mesh), dtype=dtype, tokenizer=tokenizer)
+                backend = EngineBackend(engine, model=model, checkpoint=source.path, step=source.step)
         self.backend = backend
         self.max_gen_toks = int(max_gen_toks)
         self.window = int(window) if window else None
@@ -125,8 +124,6 @@ class JaxinferLM(LM):
         return out
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
-        from jaxinfer.evaluation.perplexity import evaluate_perplexity
-
         docs = [(str(i), r.args[0]) for i, r in enumerate(requests)]
         info = self.backend.info
         prefix = None
@@ -191,8 +188,6 @@ class JaxinferLM(LM):
 
 class _bar:
     def __init__(self, total: int, desc: str, disable: bool) -> None:
-        from tqdm.auto import tqdm
-
         self._bar = tqdm(total=total, desc=f"jaxinfer {desc}", disable=disable)
 
     def __enter__(self):
@@ -204,17 +199,12 @@ class _bar:
 
 def register() -> None:
     """Register :class:`JaxinferLM` as ``jaxinfer`` (once; lm-eval's own models stay available)."""
-    import lm_eval.models  # noqa: F401  (lm-eval registers its models lazily on this import)
-    from lm_eval.api.registry import model_registry, register_model
-
     if "jaxinfer" not in model_registry:
         register_model("jaxinfer")(JaxinferLM)
 
 
 def main() -> None:
     """lm-eval's command line with the ``jaxinfer`` model registered."""
-    from lm_eval.__main__ import cli_evaluate
-
     register()
     cli_evaluate()
 

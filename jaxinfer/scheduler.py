@@ -56,6 +56,7 @@ from typing import Callable, Iterator, Protocol, Sequence
 
 from jaxinfer.engine.types import EngineProtocol, SamplingParams, ScoreOutput, SlotToken, StepHandle
 from jaxinfer.metrics import Metrics
+from jaxinfer.tokenizer import IncrementalDetokenizer
 
 log = logging.getLogger(__name__)
 
@@ -277,9 +278,17 @@ class _ScoreJob:
         return len(self.context) + len(self.continuation)
 
 
-def _real_detokenizer(tokenizer: TokenizerLike) -> DetokenizerLike:
-    from jaxinfer.tokenizer import IncrementalDetokenizer
+@dataclass
+class _ScoreBatchJob:
+    pairs: tuple[tuple[tuple[int, ...], tuple[int, ...]], ...]
+    future: Future = field(default_factory=Future)
 
+    @property
+    def tokens(self) -> int:
+        return sum(len(c) + len(x) for c, x in self.pairs)
+
+
+def _real_detokenizer(tokenizer: TokenizerLike) -> DetokenizerLike:
     return IncrementalDetokenizer(tokenizer)
 
 
@@ -326,7 +335,7 @@ class Scheduler:
         # guarded by _lock
         self._waiting: deque[_Seq] = deque()
         self._waiting_tokens = 0
-        self._scores: deque[_ScoreJob] = deque()
+        self._scores: deque[_ScoreJob | _ScoreBatchJob] = deque()
         self._accepting = True
         self._stopping = False
         self._live = 0
@@ -422,6 +431,22 @@ class Scheduler:
 
     def score(self, context: Sequence[int], continuation: Sequence[int], timeout: float | None = None) -> ScoreOutput:
         """log p(continuation | context), computed on the loop thread between steps."""
+        context, continuation = self._check_score_pair(context, continuation)
+        return self._queue_score(_ScoreJob(context, continuation), timeout)
+
+    def score_batch(
+        self, pairs: Sequence[tuple[Sequence[int], Sequence[int]]], timeout: float | None = None
+    ) -> list[ScoreOutput]:
+        """log p(continuation | context) for each (context ids, continuation ids) pair, in one
+        ``engine.score_batch`` call on the loop thread (the engine packs pairs of one length bucket)."""
+        checked = tuple(self._check_score_pair(c, x) for c, x in pairs)
+        if not checked:
+            return []
+        return self._queue_score(_ScoreBatchJob(checked), timeout)
+
+    def _check_score_pair(
+        self, context: Sequence[int], continuation: Sequence[int]
+    ) -> tuple[tuple[int, ...], tuple[int, ...]]:
         context, continuation = tuple(context), tuple(continuation)
         if not context:
             raise InvalidRequestError("context", "context is empty (and the tokenizer adds no BOS)")
@@ -435,7 +460,9 @@ class Scheduler:
                 f"context of {len(context)} + continuation of {len(continuation)} tokens exceeds "
                 f"max_len={self.max_len}",
             )
-        job = _ScoreJob(context, continuation)
+        return context, continuation
+
+    def _queue_score(self, job: _ScoreJob | _ScoreBatchJob, timeout: float | None):
         with self._cv:
             self._admission_check(job.tokens)
             self._scores.append(job)
@@ -572,10 +599,19 @@ class Scheduler:
             if not job.future.set_running_or_notify_cancel():
                 continue
             try:
-                job.future.set_result(self.engine.score(job.context, job.continuation))
+                if isinstance(job, _ScoreBatchJob):
+                    job.future.set_result(self._score_pairs(job.pairs))
+                else:
+                    job.future.set_result(self.engine.score(job.context, job.continuation))
             except Exception as e:
                 log.exception("score failed")
                 job.future.set_exception(e)
+
+    def _score_pairs(self, pairs) -> list[ScoreOutput]:
+        batch = getattr(self.engine, "score_batch", None)  # optional in EngineProtocol
+        if batch is not None:
+            return list(batch(pairs))
+        return [self.engine.score(c, x) for c, x in pairs]
 
     def _admit(self) -> None:
         free = [i for i, s in enumerate(self._slots) if s is None]

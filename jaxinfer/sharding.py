@@ -17,6 +17,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from jaxinfer.model.weights import weight_specs
+
 log = logging.getLogger(__name__)
 
 MESH_AXES = ("data", "model")
@@ -124,8 +126,6 @@ def named_sharding(axes, shape, mesh: Mesh, *, strict: bool = False, what: str =
 
 def weight_shardings(cfg, mesh: Mesh, *, strict: bool = False) -> dict[str, NamedSharding]:
     """Flat ``{weight name: NamedSharding}`` from the weight declarations."""
-    from jaxinfer.model.weights import weight_specs
-
     return {
         name: named_sharding(spec.axes, spec.shape, mesh, strict=strict, what=name)
         for name, spec in weight_specs(cfg).items()

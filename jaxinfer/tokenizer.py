@@ -43,9 +43,14 @@ __all__ = [
     "IncrementalDetokenizer",
     "SentencePieceTokenizer",
     "Tokenizer",
+    "empty_context_ids",
+    "encode_chat",
     "from_gguf",
     "from_hf_dir",
     "load",
+    "tokenize_context",
+    "tokenize_continuation",
+    "tokenize_pair",
 ]
 
 # Roles a chat message may have; anything else is rejected before the template runs.
@@ -658,6 +663,45 @@ def load(directory: str | Path) -> Tokenizer:
     if tokenizer is None:
         raise FileNotFoundError(f"no {HF_TOKENIZER_FILE} or {SP_MODEL_FILE} in {directory}")
     return tokenizer
+
+
+def encode_chat(tokenizer: Tokenizer, messages: Sequence[Mapping[str, str]]) -> list[int]:
+    """Token ids of ``messages`` rendered with the chat template and a generation prompt; a
+    template that writes the BOS text itself gets no second BOS."""
+    text = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True)
+    bos = tokenizer.bos_token
+    return list(tokenizer.encode(text, add_bos=False if bos and text.startswith(bos) else None))
+
+
+def empty_context_ids(bos_id: int | None, eos_ids: Sequence[int]) -> list[int]:
+    """What an empty scoring context becomes: [BOS], else [first EOS] (lm-evaluation-harness's prefix)."""
+    if bos_id is not None:
+        return [int(bos_id)]
+    if eos_ids:
+        return [int(eos_ids[0])]
+    raise ValueError("context is empty and the model has neither a BOS nor an EOS token to condition on")
+
+
+def tokenize_context(tokenizer: Tokenizer, context: str, bos_id: int | None = None) -> list[int]:
+    """A scoring context's ids: with BOS when the model adds one; an empty one becomes
+    :func:`empty_context_ids` (``bos_id``: the model's BOS when the tokenizer has none)."""
+    ids = list(tokenizer.encode(context))
+    return ids or empty_context_ids(tokenizer.bos_id if bos_id is None else bos_id, tokenizer.eos_ids)
+
+
+def tokenize_continuation(tokenizer: Tokenizer, continuation: str) -> list[int]:
+    """A scoring continuation's ids: tokenized on its own, without BOS; ValueError when empty."""
+    ids = list(tokenizer.encode(continuation, add_bos=False))
+    if not ids:
+        raise ValueError(f"continuation {continuation!r} tokenizes to nothing")
+    return ids
+
+
+def tokenize_pair(tokenizer: Tokenizer, context: str, continuation: str,
+                  bos_id: int | None = None) -> tuple[list[int], list[int]]:
+    """The one scoring convention (``jaxinfer score``, the Score RPC, evaluation, ``LLM.score``):
+    :func:`tokenize_context` then :func:`tokenize_continuation`, scored as their concatenation."""
+    return tokenize_context(tokenizer, context, bos_id), tokenize_continuation(tokenizer, continuation)
 
 
 def _read_json(path: Path) -> dict:

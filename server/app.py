@@ -32,7 +32,6 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-import jaxinfer
 from jaxinfer.engine.types import MAX_TOP_LOGPROBS, EngineProtocol, SamplingParams
 from jaxinfer.metrics import Metrics
 from jaxinfer.scheduler import (
@@ -45,6 +44,8 @@ from jaxinfer.scheduler import (
     SchedulerLimits,
     TokenizerLike,
 )
+from jaxinfer.tokenizer import tokenize_context, tokenize_continuation
+from jaxinfer.version import __version__
 from server import jaxinfer_pb2 as pb
 from server import jaxinfer_pb2_grpc as pb_grpc
 from server.auth import BearerTokenInterceptor
@@ -310,14 +311,16 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         n = len(request.continuations)
         if not 1 <= n <= MAX_CONTINUATIONS:
             raise InvalidRequestError("continuations", f"{n} continuations (must be 1..{MAX_CONTINUATIONS})")
-        context_ids = self._encode("context", request.context)
-        if not context_ids:
-            raise InvalidRequestError("context", "context is empty and the tokenizer adds no BOS: nothing to condition on")
+        try:  # the scoring convention of jaxinfer.tokenizer.tokenize_pair
+            context_ids = tokenize_context(self._tok, request.context)
+        except ValueError as e:
+            raise InvalidRequestError("context", f"context: {e}") from None
         resp = pb.ScoreResponse(context_token_ids=context_ids)
         for i, text in enumerate(request.continuations):
-            cont = self._encode(f"continuations[{i}]", text, add_bos=False)
-            if not cont:
-                raise InvalidRequestError(f"continuations[{i}]", f"continuations[{i}] is empty")
+            try:
+                cont = tokenize_continuation(self._tok, text)
+            except ValueError as e:
+                raise InvalidRequestError(f"continuations[{i}]", f"continuations[{i}]: {e}") from None
             try:
                 out = self._sched.score(context_ids, cont, timeout=_remaining(context))
             except InvalidRequestError as e:
@@ -353,7 +356,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             slots=s.num_slots,
             mesh=m.mesh,
             dtype=m.dtype,
-            version=jaxinfer.__version__,
+            version=__version__,
             prefill_chunk=s.engine.prefill_chunk,
             max_queue_requests=s.limits.max_queue_requests,
             max_queue_tokens=s.limits.max_queue_tokens,

@@ -19,14 +19,6 @@ log = logging.getLogger(__name__)
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
 
 
-def read_token_file(path: str) -> str:
-    with open(path, encoding="utf-8") as f:
-        token = f.read().strip()
-    if not token:
-        raise ValueError(f"auth token file {path} is empty")
-    return token
-
-
 class BearerTokenInterceptor(grpc.ServerInterceptor):
     def __init__(
         self,

@@ -3,7 +3,7 @@
 A sweep runs one load level after another (``--concurrency 1,4,16,32`` or ``--request-rate
 2,4,8``), each with the same requests, and writes one JSON document (``--output``) and a PNG
 (``--plot``): throughput against latency across the sweep, and the TTFT / inter-token latency
-distributions per level. ``scripts/benchmark_serving.py`` is the same command.
+distributions per level.
 """
 
 from __future__ import annotations
@@ -15,26 +15,40 @@ import sys
 import time
 from pathlib import Path
 
+from jaxinfer.client import DEFAULT_ADDRESS, InferenceClient
+from jaxinfer.commands.common import HelpFormatter, add_command
+from jaxinfer.evaluation.serving import (
+    SLO,
+    dataset_requests,
+    plot_sweep,
+    run_load,
+    send,
+    summary_table,
+    synthetic_requests,
+)
+
 
 def register(sub) -> None:
-    p = sub.add_parser("bench", help="benchmarks", description="Benchmarks.")
+    p = add_command(sub, "bench", help="benchmarks", description="Benchmarks.",
+                    example="jaxinfer bench serve --concurrency 1,4,16 --num-requests 64 -o bench.json")
     kinds = p.add_subparsers(dest="bench_kind", metavar="KIND", required=True)
     s = kinds.add_parser(
         "serve", help="benchmark a running server over gRPC",
         description="Drive a running jaxinfer server with a fixed concurrency or a Poisson request rate and report "
         "request throughput, input/output tokens/s, TTFT, time per output token, inter-token latency and "
         "end-to-end latency (mean, p50/p90/p95/p99), and goodput under SLOs.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
+        epilog="example:\n  jaxinfer bench serve --server 127.0.0.1:50051 --request-rate 2,4,8 --plot sweep.png\n",
     )
     c = s.add_argument_group("server")
-    c.add_argument("--server", default="127.0.0.1:50051", help="HOST:PORT")
+    c.add_argument("--server", default=DEFAULT_ADDRESS, help="HOST:PORT")
     c.add_argument("--auth-token-file", help="file holding the bearer token")
     c.add_argument("--tls-ca", help="PEM root certificate(s): connect over TLS")
     c.add_argument("--tls", action="store_true", help="connect over TLS with the system roots")
     c.add_argument("--timeout", type=float, default=600.0, help="deadline of each request, seconds")
     load = s.add_argument_group("load (one level per value: a sweep)")
     load.add_argument("--concurrency", default=None, metavar="N[,N...]",
-                      help="requests in flight, e.g. 1,4,16,32 (default 1 when no --request-rate)")
+                      help="requests in flight, e.g. 1,4,16,32 (unset: 1 when no --request-rate)")
     load.add_argument("--request-rate", default=None, metavar="R[,R...]",
                       help="arrivals per second (gamma-distributed gaps, Poisson at burstiness 1); 'inf' = all at once")
     load.add_argument("--burstiness", type=float, default=1.0, help="gamma shape of the gaps: <1 burstier, >1 steadier")
@@ -68,29 +82,14 @@ def _levels(text: str | None, kind) -> list:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    from jaxinfer.evaluation.serving import (
-        SLO,
-        Client,
-        dataset_requests,
-        plot_sweep,
-        run_load,
-        summary_table,
-        synthetic_requests,
-    )
-
     concurrencies = _levels(args.concurrency, int)
     rates = _levels(args.request_rate, float)
     if concurrencies and rates:
         raise ValueError("sweep --concurrency or --request-rate, not both (cap a rate sweep with --max-concurrency)")
     if not concurrencies and not rates:
         concurrencies = [1]
-    token = None
-    if args.auth_token_file:
-        from server.auth import read_token_file
-
-        token = read_token_file(args.auth_token_file)
-    client = Client(args.server, auth_token=token, tls_ca=Path(args.tls_ca).read_bytes() if args.tls_ca else None,
-                    tls=args.tls, timeout=args.timeout)
+    client = InferenceClient.connect(args.server, auth_token_file=args.auth_token_file, tls_ca_file=args.tls_ca,
+                                     tls=args.tls, timeout=args.timeout)
     try:
         info = client.model_info()
         if args.dataset:
@@ -100,7 +99,7 @@ def run_serve(args: argparse.Namespace) -> int:
                                           vocab_size=info.vocab_size, range_ratio=args.range_ratio,
                                           exclude_ids=list(info.eos_token_ids), seed=args.seed)
         for w in requests[: args.warmup]:
-            rec = client.send(w)
+            rec = send(client, w)
             if not rec.ok:
                 raise ValueError(f"warm-up request failed: {rec.error}")
         slo = SLO(args.slo_ttft_ms, args.slo_tpot_ms, args.slo_e2e_ms)

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
+from jaxinfer.checkpoint import BUILTIN, builtin_gguf, convert
+from jaxinfer.commands.common import HelpFormatter
 from jaxinfer.convert.names import DTYPES
 
 DESCRIPTION = """\
@@ -39,7 +42,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="convert a GGUF file or Hugging Face checkpoint to an Orbax checkpoint",
         description=DESCRIPTION,
         epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("src", metavar="SRC", help="GGUF file, Hugging Face directory or built-in model name")
     p.add_argument("out", metavar="OUT", help="output directory (must not exist unless --overwrite)")
@@ -47,7 +50,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--dtype",
         choices=list(DTYPES),
         default="float32",
-        help="dtype the weights are stored in (default: float32; loading can cast again)",
+        help="dtype the weights are stored in (loading can cast again)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it already exists")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -55,10 +58,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from jaxinfer.checkpoint import BUILTIN, builtin_gguf, convert
-
     src = Path(args.src).expanduser()
     if args.src in BUILTIN and not src.exists():
         src = builtin_gguf(args.src)

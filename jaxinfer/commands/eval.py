@@ -3,7 +3,7 @@
 In process on ``--model`` (converted directory, GGUF, Hugging Face directory, built-in name, or a
 training run's Orbax directory with ``--model-config`` and ``--tokenizer``), or against a running
 server with ``--server HOST:PORT``. Writes one JSON result document (``--output``) and prints a
-short table. ``scripts/evaluate.py`` is the same command.
+short table.
 """
 
 from __future__ import annotations
@@ -15,18 +15,25 @@ import sys
 import time
 from pathlib import Path
 
-from jaxinfer.commands.common import add_model_args
+from jaxinfer.client import read_token_file
+from jaxinfer.commands.common import HelpFormatter, add_command, add_model_args, engine_from_args
+from jaxinfer.evaluation.backend import EngineBackend, GenerationOptions, ServerBackend
+from jaxinfer.evaluation.choice import evaluate_choice, read_items, summarize
+from jaxinfer.evaluation.generate import output_rows, read_prompts
+from jaxinfer.evaluation.perplexity import aggregate, evaluate_perplexity
+from jaxinfer.evaluation.results import format_table, progress_bar, result_document, write_json
 
 log = logging.getLogger("jaxinfer.eval")
 
 
 def register(sub) -> None:
-    p = sub.add_parser(
-        "eval",
+    p = add_command(
+        sub, "eval",
         help="evaluate a checkpoint: perplexity, multiple choice, generations",
         description="Evaluate a model in process (--model) or a running server (--server): token-level "
         "perplexity and bits per byte of text files with sliding windows, multiple-choice accuracy from "
         "log-likelihoods, generations for prompts. Results as JSON (--output) and a table.",
+        example="jaxinfer eval perplexity wiki.txt --max-len 1024 -o ppl.json",
     )
     tasks = p.add_subparsers(dest="eval_task", metavar="TASK", required=True)
     common = argparse.ArgumentParser(add_help=False)
@@ -35,7 +42,7 @@ def register(sub) -> None:
     g.add_argument("--model-config", metavar="CONFIG",
                    help="config of a training run's Orbax checkpoint given as --model (a jaxinfer or Hugging Face "
                    "config.json, or a preset name)")
-    g.add_argument("--step", type=int, help="training step to evaluate (default: the latest in the run directory)")
+    g.add_argument("--step", type=int, help="training step to evaluate (unset: the latest in the run directory)")
     g.add_argument("--tokenizer", help="tokenizer directory, Hugging Face directory or GGUF file (training runs, "
                    "or to override the checkpoint's)")
     s = common.add_argument_group("server")
@@ -43,26 +50,30 @@ def register(sub) -> None:
     s.add_argument("--auth-token-file", help="file holding the server's bearer token")
     s.add_argument("--tls-ca", help="PEM root certificate(s): connect over TLS")
     s.add_argument("--tls", action="store_true", help="connect over TLS with the system roots")
-    s.add_argument("--concurrency", type=int, default=16, help="requests in flight against a server (default 16)")
+    s.add_argument("--concurrency", type=int, default=16, help="requests in flight against a server")
     o = common.add_argument_group("output")
     o.add_argument("--output", "-o", metavar="FILE", help="write the JSON result document here ('-' = stdout)")
     o.add_argument("--limit", type=int, help="evaluate only the first N items (documents, questions, prompts)")
     o.add_argument("--no-progress", action="store_true", help="no progress bar")
 
-    pp = tasks.add_parser("perplexity", parents=[common], help="perplexity and bits per byte of text files",
+    def task(name: str, example: str, **kw) -> argparse.ArgumentParser:
+        return tasks.add_parser(name, parents=[common], formatter_class=HelpFormatter,
+                                epilog=f"example:\n  jaxinfer eval {name} {example}\n", **kw)
+
+    pp = task("perplexity", "wiki.txt --window 512 --stride 256", help="perplexity and bits per byte of text files",
                           description="Token-level perplexity and bits per byte of each FILE (and all together). "
                           "A .jsonl FILE holds one document per line in its \"text\" field; any other file is one "
                           "document. Every token after the first is scored once, with at least WINDOW - STRIDE "
                           "tokens of context (see docs/evaluation.md for the exact definition).")
     pp.add_argument("files", nargs="+", metavar="FILE")
-    pp.add_argument("--window", type=int, help="tokens per window (default and at most: --max-len)")
-    pp.add_argument("--stride", type=int, help="tokens a window advances (default: window / 2); 1..window-1")
+    pp.add_argument("--window", type=int, help="tokens per window (unset and at most: --max-len)")
+    pp.add_argument("--stride", type=int, help="tokens a window advances (unset: window / 2); 1..window-1")
     pp.add_argument("--prefix", choices=["first", "eos"], default="first",
-                    help="models without BOS: 'first' = the first token is context only (default); 'eos' = an EOS "
+                    help="models without BOS: 'first' = the first token is context only; 'eos' = an EOS "
                     "token in front conditions it, so every text token is scored")
     pp.set_defaults(func=run_perplexity)
 
-    pc = tasks.add_parser("choice", parents=[common], help="multiple-choice accuracy from log-likelihoods",
+    pc = task("choice", "arc.jsonl --samples samples.jsonl", help="multiple-choice accuracy from log-likelihoods",
                           description='Each line of FILE: {"context": str, "choices": [str, ...], "label": int}. '
                           "Choices are appended to the context as given (put the separating space at their start). "
                           "Reports acc (highest log-likelihood) and acc_norm (highest log-likelihood per character).")
@@ -70,7 +81,7 @@ def register(sub) -> None:
     pc.add_argument("--samples", metavar="FILE", help="write per-item log-likelihoods and predictions (JSONL)")
     pc.set_defaults(func=run_choice)
 
-    pg = tasks.add_parser("generate", parents=[common], help="generations for prompts (JSONL in, JSONL out)",
+    pg = task("generate", "prompts.jsonl -g generations.jsonl --max-tokens 128", help="generations for prompts (JSONL in, JSONL out)",
                           description='Each line of FILE: {"prompt": str} or {"messages": [...]}, other fields '
                           "copied to the output; per-line max_tokens/stop/temperature/top_p/top_k/min_p/seed "
                           "override the options.")
@@ -78,7 +89,7 @@ def register(sub) -> None:
     pg.add_argument("--generations", "-g", metavar="OUT.jsonl", required=True, help="where to write the generations")
     pg.add_argument("--chat", action="store_true", help="send each prompt as a user message (chat template)")
     pg.add_argument("--max-tokens", type=int, default=256)
-    pg.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    pg.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     pg.add_argument("--top-k", type=int, default=0)
     pg.add_argument("--top-p", type=float, default=1.0)
     pg.add_argument("--min-p", type=float, default=0.0)
@@ -95,32 +106,16 @@ def register(sub) -> None:
 
 
 def open_backend(args: argparse.Namespace):
-    from jaxinfer.evaluation.backend import EngineBackend, ServerBackend
-    from jaxinfer.evaluation.loading import EngineSettings, open_engine
-
     if args.server:
-        token = None
-        if args.auth_token_file:
-            from server.auth import read_token_file
-
-            token = read_token_file(args.auth_token_file)
+        token = read_token_file(args.auth_token_file) if args.auth_token_file else None
         ca = Path(args.tls_ca).read_bytes() if args.tls_ca else None
         return ServerBackend(args.server, auth_token=token, tls_ca=ca, tls=args.tls, concurrency=args.concurrency)
-    from jaxinfer.commands.common import parse_size
-
-    buckets = tuple(int(x) for x in args.prefill_buckets.split(",")) if args.prefill_buckets else None
-    budget = getattr(args, "kv_cache_memory", None)
-    settings = EngineSettings(slots=args.slots, max_len=args.max_len, prefill_buckets=buckets, dtype=args.dtype,
-                              mesh=args.mesh, memory_budget_bytes=parse_size(budget) if budget else None)
-    engine, path, step = open_engine(args.model, settings, model_config=args.model_config, step=args.step,
-                                     tokenizer=args.tokenizer)
-    log.info("%s", engine.describe())
-    return EngineBackend(engine, model=args.model, checkpoint=path, step=step)
+    engine, source = engine_from_args(args, lazy_compile=True, model_config=args.model_config, step=args.step,
+                                      tokenizer=args.tokenizer)
+    return EngineBackend(engine, model=args.model, checkpoint=source.path, step=source.step)
 
 
 def _emit(args, doc: dict, table: str) -> None:
-    from jaxinfer.evaluation.results import write_json
-
     if args.output:
         write_json(doc, args.output)
     print(table, file=sys.stderr if args.output == "-" else sys.stdout)
@@ -146,9 +141,6 @@ def read_documents(files: list[str]) -> list[tuple[str, str]]:
 
 
 def run_perplexity(args: argparse.Namespace) -> int:
-    from jaxinfer.evaluation.perplexity import aggregate, evaluate_perplexity
-    from jaxinfer.evaluation.results import format_table, progress_bar, result_document
-
     docs = read_documents(args.files)[: args.limit]
     t0 = time.perf_counter()
     with open_backend(args) as backend:
@@ -184,9 +176,6 @@ def run_perplexity(args: argparse.Namespace) -> int:
 
 
 def run_choice(args: argparse.Namespace) -> int:
-    from jaxinfer.evaluation.choice import evaluate_choice, read_items, summarize
-    from jaxinfer.evaluation.results import format_table, progress_bar, result_document
-
     items = read_items(args.file)[: args.limit]
     t0 = time.perf_counter()
     with open_backend(args) as backend:
@@ -212,10 +201,6 @@ def run_choice(args: argparse.Namespace) -> int:
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    from jaxinfer.evaluation.backend import GenerationOptions
-    from jaxinfer.evaluation.generate import output_rows, read_prompts
-    from jaxinfer.evaluation.results import format_table, progress_bar, result_document
-
     defaults = GenerationOptions(
         max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
         min_p=args.min_p, repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,

@@ -6,31 +6,31 @@ import argparse
 import json
 import sys
 
-from jaxinfer.commands.common import add_model_args, build_engine
+from jaxinfer.api import LLM
+from jaxinfer.commands.common import add_command, add_model_args, engine_from_args
+from jaxinfer.tokenizer import tokenize_pair
 
 
 def register(sub) -> None:
-    p = sub.add_parser(
-        "score",
+    p = add_command(
+        sub, "score",
         help="log-likelihood of continuations given contexts",
         description='Read JSON lines {"context": ..., "continuation": ...} from FILE (default stdin) and write '
         "one JSON line per input: logprob (sum over the continuation's tokens of log p(token | everything "
         "before it)), token_logprobs, is_greedy (every continuation token was the argmax), context_ids, "
         "continuation_ids. The continuation is tokenized on its own and appended to the tokenized context "
-        "(BOS before the context when the model adds one).",
+        "(BOS before the context when the model adds one; an empty context is [BOS], else [EOS]): "
+        "jaxinfer.tokenizer.tokenize_pair, as the Score RPC and evaluation do.",
+        example="echo '{\"context\": \"The capital of France is\", \"continuation\": \" Paris\"}' | jaxinfer score",
     )
-    p.add_argument("file", nargs="?", default="-", help="JSON lines file ('-' = stdin, the default)")
+    p.add_argument("file", nargs="?", default="-", help="JSON lines file ('-' = stdin)")
     add_model_args(p, slots=1)
     p.set_defaults(func=run)
 
 
-def tokenize_pair(tok, context: str, continuation: str) -> tuple[list[int], list[int]]:
-    """The scoring convention shared by `score`, the Score RPC and evaluation."""
-    return tok.encode(context), tok.encode(continuation, add_bos=False)
-
-
 def run(args: argparse.Namespace) -> int:
-    lines = (sys.stdin if args.file == "-" else open(args.file, encoding="utf-8")).read().splitlines()
+    with sys.stdin if args.file == "-" else open(args.file, encoding="utf-8") as f:
+        lines = f.read().splitlines()
     items = []
     for n, line in enumerate(lines, 1):
         if not line.strip():
@@ -40,18 +40,16 @@ def run(args: argparse.Namespace) -> int:
             items.append((str(obj["context"]), str(obj["continuation"])))
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise ValueError(f"line {n}: expected {{\"context\": str, \"continuation\": str}} ({e})") from None
-    engine = build_engine(args, lazy_compile=True)
-    tok = engine.tokenizer
-    for context, continuation in items:
-        ctx, cont = tokenize_pair(tok, context, continuation)
-        if not ctx:
-            ctx = [engine.cfg.bos_token_id] if engine.cfg.bos_token_id is not None else ctx
-        r = engine.score(ctx, cont)
-        print(json.dumps({
-            "logprob": r.logprob,
-            "token_logprobs": list(r.token_logprobs),
-            "is_greedy": r.is_greedy,
-            "context_ids": ctx,
-            "continuation_ids": cont,
-        }), flush=True)
+    engine, _ = engine_from_args(args, lazy_compile=True)
+    with LLM(engine) as llm:
+        for context, continuation in items:
+            ctx, cont = tokenize_pair(llm.tokenizer, context, continuation, engine.cfg.bos_token_id)
+            r = llm.score([(ctx, cont)])[0]
+            print(json.dumps({
+                "logprob": r.logprob,
+                "token_logprobs": list(r.token_logprobs),
+                "is_greedy": r.is_greedy,
+                "context_ids": ctx,
+                "continuation_ids": cont,
+            }), flush=True)
     return 0

@@ -13,20 +13,23 @@ import threading
 import time
 from pathlib import Path
 
-from jaxinfer import distributed
-from jaxinfer.commands.common import add_model_args, build_engine
+from jaxinfer import distributed, sharding
+from jaxinfer.client import read_token_file
+from jaxinfer.commands.common import add_command, add_model_args, engine_from_args
+from jaxinfer.metrics import Metrics
+from server.app import ModelDescription, ServerOptions, build_server
 
 log = logging.getLogger("jaxinfer.serve")
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "serve",
+    p = add_command(
+        sub, "serve",
         help="serve a model over gRPC (continuous batching, streaming)",
         description="Serve a model over gRPC: jaxinfer.v1.Inference (Generate, Score, Tokenize, Detokenize, "
         "GetModelInfo) plus grpc.health.v1.Health and server reflection. Every prefill/decode program is "
         "compiled before the port opens. SIGTERM drains: NOT_SERVING, new requests refused, in-flight ones "
         "finish within --grace-period, exit 0.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        example="jaxinfer serve --model smollm2-135m-instruct --slots 16 --port 50051",
     )
     add_model_args(p)
     n = p.add_argument_group("network")
@@ -49,10 +52,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from jaxinfer.metrics import Metrics
-    from server.app import ModelDescription, ServerOptions, build_server
-    from server.auth import read_token_file
-
     if bool(args.tls_cert) != bool(args.tls_key):
         raise ValueError("--tls-cert and --tls-key go together")
     options = ServerOptions(
@@ -73,13 +72,11 @@ def run(args: argparse.Namespace) -> int:
     if cluster is not None:  # a converted checkpoint (no conversion races), a mesh over every process
         args.model, args.mesh = str(distributed.checkpoint_dir(args.model)), distributed.mesh_spec(args.mesh)
 
-    from jaxinfer import sharding
-
     t0 = time.perf_counter()
-    engine = build_engine(args, lazy_compile=False)
+    engine, _ = engine_from_args(args, lazy_compile=False)
     log.info("loaded %s in %.1fs", args.model, time.perf_counter() - t0)
     if engine.tokenizer is None:
-        raise ValueError(f"checkpoint {engine.checkpoint_path} carries no tokenizer")
+        raise ValueError(f"{args.model} carries no tokenizer")
     compiled = engine.compile(progress=True)  # logs each program as it compiles
     programs = {k: v for k, v in compiled.items() if k != "total"}
     slowest = max(programs, key=programs.get) if programs else "-"

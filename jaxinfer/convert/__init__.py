@@ -11,47 +11,19 @@ the tokenizer). ``jaxinfer.checkpoint`` saves it as an Orbax checkpoint.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-import numpy as np
-
-from jaxinfer.config import ModelConfig
-
-if TYPE_CHECKING:
-    from jaxinfer.tokenizer import Tokenizer
-
-
-@dataclass
-class ConvertedModel:
-    config: ModelConfig
-    weights: dict[str, np.ndarray]  # canonical flat names -> arrays
-    tokenizer: Tokenizer | None
-    source: Path
-
-
-def is_gguf(path: Path) -> bool:
-    if not path.is_file():
-        return False
-    with path.open("rb") as f:
-        return f.read(4) == b"GGUF"
-
-
-def is_hf_dir(path: Path) -> bool:
-    return path.is_dir() and (path / "config.json").is_file()
+from jaxinfer.convert.gguf import read_gguf
+from jaxinfer.convert.hf import read_hf
+from jaxinfer.convert.source import ConvertedModel, is_gguf, is_hf_dir
 
 
 def read_source(path: str | Path, *, dtype: str = "float32", progress: bool = True) -> ConvertedModel:
     """Read a GGUF file or a Hugging Face directory into the canonical tree (``dtype`` on host)."""
     path = Path(path).expanduser()
     if is_gguf(path):
-        from jaxinfer.convert.gguf import read_gguf
-
         return read_gguf(path, dtype=dtype, progress=progress)
     if is_hf_dir(path):
-        from jaxinfer.convert.hf import read_hf
-
         return read_hf(path, dtype=dtype, progress=progress)
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist")

@@ -21,7 +21,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from jaxinfer.config import ModelConfig, RopeScaling, gemma3_layer_types
-from jaxinfer.convert import ConvertedModel
+from jaxinfer.convert.source import ConvertedModel
+from jaxinfer.tokenizer import from_gguf
 from jaxinfer.convert.names import WeightBuilder, gguf_table, host_dtype
 
 ARCHITECTURES = ("llama", "gemma3")
@@ -177,7 +178,5 @@ def read_gguf(path: str | Path, *, dtype: str = "float32", progress: bool = True
     weights = builder.finish()
     tokenizer = None
     if "tokenizer.ggml.model" in reader.fields:
-        from jaxinfer.tokenizer import from_gguf
-
         tokenizer = from_gguf(reader)
     return ConvertedModel(config=cfg, weights=weights, tokenizer=tokenizer, source=path)

@@ -20,7 +20,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from jaxinfer.config import from_hf_config
-from jaxinfer.convert import ConvertedModel
+from jaxinfer.convert.source import ConvertedModel
+from jaxinfer.tokenizer import from_hf_dir
 from jaxinfer.convert.names import HF_IGNORED, WeightBuilder, hf_table, host_dtype
 
 _ST_DTYPES: dict[str, np.dtype] = {
@@ -129,6 +130,4 @@ def read_hf(path: str | Path, *, dtype: str = "float32", progress: bool = True, 
             "tie_word_embeddings=true: expected no lm_head.weight or one equal to the embeddings"
         )
     weights = builder.finish()
-    from jaxinfer.tokenizer import from_hf_dir
-
     return ConvertedModel(config=cfg, weights=weights, tokenizer=from_hf_dir(d), source=d)

@@ -31,6 +31,7 @@ import functools
 import logging
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -45,7 +46,8 @@ from jaxinfer import sharding as shd
 from jaxinfer.config import ModelConfig
 from jaxinfer.engine.sampling import Sampled, SlotSampling, logsumexp_from_max, max_argmax, sample
 from jaxinfer.engine.types import EngineStats, SamplingParams, ScoreOutput, SlotToken
-from jaxinfer.model.transformer import KVCache, Transformer
+from jaxinfer.model.transformer import KVCache, Transformer, split_layers
+from jaxinfer.model.weights import weight_specs
 
 log = logging.getLogger(__name__)
 F32 = jnp.float32
@@ -143,8 +145,6 @@ class DecodeState:
 
 def enable_compilation_cache(directory: str | Path | None = None) -> Path:
     """Persistent XLA compilation cache, so a second start does not recompile."""
-    import os
-
     d = Path(directory or os.environ.get("JAXINFER_XLA_CACHE", Path.home() / ".cache" / "jaxinfer" / "xla"))
     d.mkdir(parents=True, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", str(d))
@@ -279,33 +279,11 @@ class Engine:
             return jnp.dtype(jnp.float32)
         return jnp.dtype(checkpoint_dtype)
 
-    @classmethod
-    def from_checkpoint(
-        cls,
-        path: str | Path,
-        *,
-        mesh: Mesh | str | None = None,
-        dtype: str | None = None,
-        config: EngineConfig | None = None,
-        **overrides,
-    ) -> "Engine":
-        from jaxinfer.checkpoint import load_checkpoint
-
-        if not isinstance(mesh, Mesh):
-            mesh = shd.make_mesh(mesh)
-        ckpt = load_checkpoint(path, mesh=mesh, dtype=dtype)
-        model = Transformer(ckpt.config, params=ckpt.params)
-        config = dataclasses.replace(config or EngineConfig(), **overrides)
-        return cls(model, config, mesh=mesh, tokenizer=ckpt.tokenizer, name=ckpt.config.name)
-
     def _place_params(self, params):
         """Place every weight by the sharding rules. Layer weights become one
         buffer per layer (the unrolled forward reads them without slicing); the
         stacked arrays are dropped from the module state, which keeps empty
         placeholders. Returns ``(state, per-layer weight dicts)``."""
-        from jaxinfer.model.transformer import split_layers
-        from jaxinfer.model.weights import weight_specs
-
         specs = weight_specs(self.cfg)
         shardings = shd.weight_shardings(self.cfg, self.mesh)
         flat = dict(nnx.to_flat_state(params))
@@ -661,8 +639,6 @@ class Engine:
 
     def compile(self, progress: bool = True) -> dict[str, float]:
         """Compile every prefill variant and every decode variant ahead of time."""
-        from concurrent.futures import ThreadPoolExecutor
-
         todo = [k for k in self.variants() if k not in self._compiled]
         t_all = time.perf_counter()
         # XLA compiles with the GIL released and mostly on one thread: compile
@@ -853,61 +829,6 @@ class Engine:
         c = self.config.score_chunk
         b = [x for x in self.config.prefill_buckets if x % c == 0 or x < c]
         return tuple(sorted(set(b) | {s for s in self.spans if s % min(c, s) == 0}))
-
-    # --- batch generation (CLI, evaluation) --------------------------------
-
-    def generate(
-        self,
-        prompts: Sequence[Sequence[int]],
-        params: SamplingParams | Sequence[SamplingParams] = SamplingParams(),
-        *,
-        max_tokens: int = 32,
-        stop_token_ids: Sequence[int] | None = None,
-        ignore_eos: bool = False,
-    ) -> list[dict]:
-        """Run prompts to completion through prefill + decode, filling free slots
-        as others finish. Returns dicts with token_ids, logprobs, finish_reason."""
-        if isinstance(params, SamplingParams):
-            params = [params] * len(prompts)
-        stops = set(stop_token_ids or ()) | (set() if ignore_eos else set(self.cfg.eos_token_ids))
-        if self.tokenizer is not None and not ignore_eos:
-            stops |= set(self.tokenizer.eos_ids)
-        results: list[dict] = [{"token_ids": [], "logprobs": [], "finish_reason": None} for _ in prompts]
-        pending = list(range(len(prompts)))[::-1]
-        running: dict[int, int] = {}  # slot -> prompt index
-
-        def accept(i: int, tok: SlotToken, length: int) -> bool:
-            """length: the slot's cached positions when tok was sampled."""
-            r = results[i]
-            r["token_ids"].append(tok.token)
-            r["logprobs"].append(tok.logprob)
-            if tok.token in stops:
-                r["finish_reason"] = "stop"
-            elif len(r["token_ids"]) >= max_tokens or length + 1 >= self.max_len:
-                r["finish_reason"] = "length"
-            return r["finish_reason"] is not None
-
-        while pending or running:
-            for slot in range(self.num_slots):
-                if slot in running or not pending:
-                    continue
-                i = pending.pop()
-                tok = self.prefill(slot, prompts[i], params[i])
-                if accept(i, tok, len(prompts[i])):
-                    self.release(slot)
-                else:
-                    running[slot] = i
-            if not running:
-                continue
-            k = self.config.decode_steps  # k steps per call while every slot has room for them
-            k = k if k > 1 and all(self._host_len[s] + k <= self.max_len for s in running) else 1
-            handle = self.decode(sorted(running), k)
-            for j, step in enumerate(handle.results()):
-                for slot, tok in step.items():  # tokens after a slot's stop are dropped
-                    if slot in running and accept(running[slot], tok, int(self._host_len[slot]) - k + 1 + j):
-                        del running[slot]
-                        self.release(slot)
-        return results
 
     # --- reporting ----------------------------------------------------------
 

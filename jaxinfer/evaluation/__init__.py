@@ -2,14 +2,13 @@
 generations, in process on an engine or against a running server.
 
 * :mod:`.backend`    -- :class:`Backend`: :class:`EngineBackend` (in process) and :class:`ServerBackend` (gRPC)
-* :mod:`.loading`    -- models, including a training run's Orbax checkpoints given with their config
 * :mod:`.perplexity` -- the windows and the definition of perplexity and bits per byte
 * :mod:`.choice`     -- multiple-choice accuracy (raw and length-normalised)
 * :mod:`.generate`   -- prompts (JSONL) to generations (JSONL)
 * :mod:`.results`    -- result JSON, tables, progress
 * :mod:`.serving`    -- the serving benchmark (load generator and latency statistics for a server)
 
-``jaxinfer eval`` (:mod:`jaxinfer.commands.eval`) and ``jaxinfer bench serve`` drive them.
+``jaxinfer eval`` and ``jaxinfer bench serve`` drive them; models open through :mod:`jaxinfer.loading`.
 """
 
 from jaxinfer.evaluation.backend import (

@@ -2,7 +2,7 @@
 running ``jaxinfer serve`` over gRPC. Both implement :class:`Backend`.
 
 The scoring convention is the one of ``jaxinfer score`` and the Score RPC
-(:func:`jaxinfer.commands.score.tokenize_pair`): the context is tokenized with BOS when the model
+(:func:`jaxinfer.tokenizer.tokenize_pair`): the context is tokenized with BOS when the model
 adds one, the continuation on its own without BOS, and the two id lists are concatenated. A
 context that tokenizes to nothing is replaced by ``[BOS]`` (or the first end-of-sequence token
 when the model has no BOS), as lm-evaluation-harness does.
@@ -18,15 +18,18 @@ from __future__ import annotations
 import abc
 import concurrent.futures
 import dataclasses
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import Any, Callable, Sequence
 
+from jaxinfer import sharding
+from jaxinfer.api import LLM
+from jaxinfer.client import InferenceClient, generate_request
+from jaxinfer.engine.engine import Engine
 from jaxinfer.engine.types import SamplingParams, ScoreOutput
-
-if TYPE_CHECKING:
-    from jaxinfer.engine.engine import Engine
+from jaxinfer.tokenizer import encode_chat, tokenize_pair
 
 log = logging.getLogger(__name__)
 
@@ -142,39 +145,28 @@ class Backend(abc.ABC):
         self.close()
 
 
-def empty_context_ids(bos_id: int | None, eos_ids: Sequence[int]) -> list[int]:
-    """What an empty context becomes: [BOS], else [first EOS] (lm-evaluation-harness's prefix token)."""
-    if bos_id is not None:
-        return [int(bos_id)]
-    if eos_ids:
-        return [int(eos_ids[0])]
-    raise ValueError("empty context and the model has neither a BOS nor an EOS token to condition on")
-
-
 # --- in process ---------------------------------------------------------------------------------
 
 
 class EngineBackend(Backend):
-    """An :class:`Engine` in this process. Scoring packs requests of one length bucket into the
-    engine's slots (:meth:`Engine.score_batch`); generation runs through the continuous-batching
-    :class:`~jaxinfer.scheduler.Scheduler` (stop strings, early finish) for the duration of the call."""
+    """An :class:`Engine` in this process, driven by the scheduler loop of an :class:`~jaxinfer.api.LLM`
+    for the duration of each call: scoring through ``Scheduler.score_batch`` (the engine packs pairs of
+    one length bucket into its slots), generation through continuous batching (stop strings, early
+    finish)."""
 
     SCORE_GROUP = 64  # pairs per score_batch call (progress granularity)
 
     def __init__(self, engine: Engine, tokenizer=None, *, model: str = "", checkpoint: str | Path | None = None,
                  step: int | None = None) -> None:
-        from jaxinfer import sharding
-
         self.engine = engine
         self.tokenizer = tokenizer if tokenizer is not None else engine.tokenizer
         if self.tokenizer is None:
             raise ValueError(f"{model or engine.name}: the checkpoint carries no tokenizer (give one with --tokenizer)")
-        ckpt = checkpoint if checkpoint is not None else getattr(engine, "checkpoint_path", None)
         self.info = ModelInfo(
             model=model or engine.name,
-            checkpoint=str(ckpt) if ckpt is not None else None,
+            checkpoint=str(checkpoint) if checkpoint is not None else None,
             step=step,
-            config=_config_dict(engine.cfg),
+            config=json.loads(engine.cfg.to_json()),
             dtype=str(engine.dtype),
             mesh=sharding.describe(engine.mesh),
             slots=engine.num_slots,
@@ -184,142 +176,83 @@ class EngineBackend(Backend):
             eos_ids=tuple(int(i) for i in (self.tokenizer.eos_ids or engine.cfg.eos_token_ids)),
         )
 
+    def _llm(self) -> LLM:
+        return LLM(self.engine, self.tokenizer)
+
     def tokenize(self, text: str, add_bos: bool | None = None) -> list[int]:
         return list(self.tokenizer.encode(text, add_bos=add_bos))
 
     def score_tokens(self, pairs, progress=None) -> list[TokenScore]:
         out: list[TokenScore] = []
-        for off in range(0, len(pairs), self.SCORE_GROUP):
-            group = pairs[off : off + self.SCORE_GROUP]
-            out.extend(TokenScore(s) for s in self.engine.score_batch(group))
-            if progress:
-                progress(sum(len(c) for _, c in group))
+        with self._llm() as llm:
+            for off in range(0, len(pairs), self.SCORE_GROUP):
+                group = pairs[off : off + self.SCORE_GROUP]
+                out.extend(TokenScore(s) for s in llm.score(group))
+                if progress:
+                    progress(sum(len(c) for _, c in group))
         return out
 
     def text_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
-        from jaxinfer.commands.score import tokenize_pair
-
-        ctx, cont = tokenize_pair(self.tokenizer, context, continuation)
-        if not ctx:
-            ctx = empty_context_ids(self.info.bos_id, self.info.eos_ids)
-        if not cont:
-            raise ValueError(f"continuation {continuation!r} tokenizes to nothing")
-        return ctx, cont
+        return tokenize_pair(self.tokenizer, context, continuation, self.info.bos_id)
 
     def score_texts(self, pairs, progress=None) -> list[ScoreOutput]:
         ids = [self.text_pair(c, x) for c, x in pairs]
         return [s.output for s in self.score_tokens(ids, progress)]
 
     def generate(self, prompts, options, progress=None) -> list[Generation]:
-        from jaxinfer.metrics import Metrics
-        from jaxinfer.scheduler import Request, Scheduler, SchedulerLimits
-
-        encoded = [self._encode_prompt(p) for p in prompts]
-        limits = SchedulerLimits(max_queue_requests=max(len(prompts), 1), max_queue_tokens=1 << 40,
-                                 max_stop_strings=64, max_stop_length=4096)
-        sched = Scheduler(self.engine, self.tokenizer, limits, metrics=Metrics()).start()
-        try:
-            streams = []
-            for ids, opt in zip(encoded, options):
-                opt.sampling().validate(self.engine.cfg.vocab_size)
-                max_tokens = min(opt.max_tokens, self.engine.max_len - len(ids))
-                if max_tokens < 1:
-                    raise ValueError(f"prompt of {len(ids)} tokens leaves no room to generate (max_len={self.engine.max_len})")
-                streams.append(sched.submit(Request(tuple(ids), max_tokens, opt.sampling(), stop=tuple(opt.stop),
-                                                    ignore_eos=opt.ignore_eos)))
-            results = []
-            for ids, stream in zip(encoded, streams):
-                text, toks, reason = [], [], None
-                for ev in stream:
-                    text.append(ev.text)
-                    toks.extend(ev.token_ids)
-                    if ev.finish_reason is not None:
-                        reason = ev.finish_reason
-                        if reason not in ("stop", "length"):
-                            raise RuntimeError(f"generation failed: {reason}: {ev.message}")
-                results.append(Generation("".join(text), tuple(toks), len(ids), reason or "length"))
-                if progress:
-                    progress(len(toks))
-            return results
-        finally:
-            sched.close()
+        done = (lambda c: progress(len(c.token_ids))) if progress else None
+        with self._llm() as llm:
+            requests = [
+                llm.request(self._encode_prompt(p), opt.sampling(), max_tokens=opt.max_tokens, stop=opt.stop,
+                            ignore_eos=opt.ignore_eos, index=i)
+                for i, (p, opt) in enumerate(zip(prompts, options))
+            ]
+            completions = llm.run(requests, done)
+        return [Generation(c.text, c.token_ids, c.usage.prompt_tokens, c.finish_reason) for c in completions]
 
     def _encode_prompt(self, p: Prompt) -> list[int]:
         if not p.messages:
             return self.tokenize(p.text)
-        text = self.tokenizer.apply_chat_template([{"role": r, "content": c} for r, c in p.messages],
-                                                  add_generation_prompt=True)
-        bos = self.tokenizer.bos_token if self.tokenizer.bos_id is not None else None
-        return self.tokenize(text, add_bos=False if bos and text.startswith(bos) else None)
-
-
-def _config_dict(cfg) -> dict[str, Any]:
-    import json
-
-    return json.loads(cfg.to_json())
+        return encode_chat(self.tokenizer, [{"role": r, "content": c} for r, c in p.messages])
 
 
 # --- against a server ----------------------------------------------------------------------------
 
 
 class ServerBackend(Backend):
-    """A running ``jaxinfer serve``. Requests go out ``concurrency`` at a time, so the server's
-    continuous batching sees them together."""
+    """A running ``jaxinfer serve``, through :class:`~jaxinfer.client.InferenceClient`. Requests go
+    out ``concurrency`` at a time, so the server's continuous batching sees them together."""
 
     def __init__(self, address: str, *, auth_token: str | None = None, tls_ca: bytes | None = None, tls: bool = False,
                  concurrency: int = 16, timeout: float | None = 600.0) -> None:
-        import grpc
-
-        from server import jaxinfer_pb2 as pb
-        from server import jaxinfer_pb2_grpc as pb_grpc
-
-        self._pb = pb
-        if tls or tls_ca:
-            self._channel = grpc.secure_channel(address, grpc.ssl_channel_credentials(root_certificates=tls_ca))
-        else:
-            self._channel = grpc.insecure_channel(address)
-        self._stub = pb_grpc.InferenceStub(self._channel)
-        self._metadata = (("authorization", f"Bearer {auth_token}"),) if auth_token else None
-        self._timeout = timeout
+        self._client = InferenceClient(address, auth_token=auth_token, tls_ca=tls_ca, tls=tls, timeout=timeout)
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=max(1, concurrency),
                                                            thread_name_prefix="jaxinfer-eval")
-        mi = self._call(self._stub.GetModelInfo, pb.GetModelInfoRequest())
-        probe = self._call(self._stub.Tokenize, pb.TokenizeRequest(text="a"))
-        plain = self._call(self._stub.Tokenize, pb.TokenizeRequest(text="a", add_bos=False))
-        add_bos = len(probe.token_ids) > len(plain.token_ids)
+        mi = self._client.model_info(timeout=timeout)
+        probe = self._client.tokenize("a")
+        plain = self._client.tokenize("a", add_bos=False)
+        add_bos = len(probe) > len(plain)
         self.info = ModelInfo(
             model=mi.model, server=address, dtype=mi.dtype, mesh=mi.mesh, slots=mi.slots, max_len=mi.max_len,
             config={"architecture": mi.architecture, "vocab_size": mi.vocab_size, "version": mi.version},
-            add_bos=add_bos, bos_id=int(probe.token_ids[0]) if add_bos else None,
+            add_bos=add_bos, bos_id=int(probe[0]) if add_bos else None,
             eos_ids=tuple(int(i) for i in mi.eos_token_ids),
         )
 
-    def _call(self, method, request):
-        return method(request, timeout=self._timeout, metadata=self._metadata)
-
     def close(self) -> None:
         self._pool.shutdown(wait=True)
-        self._channel.close()
+        self._client.close()
 
     def tokenize(self, text: str, add_bos: bool | None = None) -> list[int]:
-        req = self._pb.TokenizeRequest(text=text)
-        if add_bos is not None:
-            req.add_bos = add_bos
-        return list(self._call(self._stub.Tokenize, req).token_ids)
-
-    def _detokenize(self, ids: Sequence[int]) -> str:
-        return self._call(self._stub.Detokenize, self._pb.DetokenizeRequest(token_ids=list(ids))).text
-
-    def _score(self, context: str, continuations: Sequence[str]):
-        return self._call(self._stub.Score, self._pb.ScoreRequest(context=context, continuations=list(continuations)))
+        return self._client.tokenize(text, add_bos=add_bos)
 
     def score_tokens(self, pairs, progress=None) -> list[TokenScore]:
         bos = self.info.bos_id
 
         def one(pair) -> TokenScore:
             ctx, cont = list(pair[0]), list(pair[1])
-            ctx_text = self._detokenize(ctx[1:] if self.info.add_bos and ctx[:1] == [bos] else ctx)
-            resp = self._score(ctx_text, [self._detokenize(cont)])
+            ctx_text = self._client.detokenize(ctx[1:] if self.info.add_bos and ctx[:1] == [bos] else ctx)
+            resp = self._client.score(ctx_text, [self._client.detokenize(cont)])
             s = resp.scores[0]
             out = ScoreOutput(s.logprob, tuple(s.token_logprobs), s.is_greedy, tuple(resp.context_token_ids),
                               tuple(s.token_ids))
@@ -336,9 +269,7 @@ class ServerBackend(Backend):
 
         def one(call):
             ctx, idx = call
-            if not ctx and not self.info.add_bos:
-                raise ValueError("an empty context cannot be scored through the Score RPC for a model without BOS")
-            resp = self._score(ctx, [pairs[i][1] for i in idx])
+            resp = self._client.score(ctx, [pairs[i][1] for i in idx])
             return [
                 (i, ScoreOutput(s.logprob, tuple(s.token_logprobs), s.is_greedy, tuple(resp.context_token_ids),
                                 tuple(s.token_ids)))
@@ -352,23 +283,16 @@ class ServerBackend(Backend):
         return out  # type: ignore[return-value]
 
     def generate(self, prompts, options, progress=None) -> list[Generation]:
-        pb = self._pb
-
         def one(item) -> Generation:
             p, opt = item
-            req = pb.GenerateRequest(max_tokens=opt.max_tokens, temperature=opt.temperature, top_k=opt.top_k,
-                                     top_p=opt.top_p, min_p=opt.min_p, repetition_penalty=opt.repetition_penalty,
-                                     presence_penalty=opt.presence_penalty, frequency_penalty=opt.frequency_penalty,
-                                     stop=list(opt.stop), ignore_eos=opt.ignore_eos)
-            if opt.seed is not None:
-                req.seed = opt.seed
-            if p.messages:
-                for role, content in p.messages:
-                    req.messages.add(role=role, content=content)
-            else:
-                req.prompt = p.text
+            req = generate_request(
+                p.text, messages=p.messages, max_tokens=opt.max_tokens, temperature=opt.temperature, top_k=opt.top_k,
+                top_p=opt.top_p, min_p=opt.min_p, repetition_penalty=opt.repetition_penalty,
+                presence_penalty=opt.presence_penalty, frequency_penalty=opt.frequency_penalty, seed=opt.seed,
+                stop=list(opt.stop), ignore_eos=opt.ignore_eos,
+            )
             text, toks, last = [], [], None
-            for resp in self._stub.Generate(req, timeout=self._timeout, metadata=self._metadata):
+            for resp in self._client.generate(req):
                 text.append(resp.text)
                 toks.extend(resp.token_ids)
                 last = resp
@@ -397,5 +321,4 @@ __all__ = [
     "Generation",
     "Prompt",
     "TokenScore",
-    "empty_context_ids",
 ]

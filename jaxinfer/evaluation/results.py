@@ -8,8 +8,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-import jaxinfer
+from tqdm.auto import tqdm
+
 from jaxinfer.evaluation.backend import ModelInfo
+from jaxinfer.version import __version__
 
 
 def result_document(task: str, info: ModelInfo, *, settings: dict[str, Any], results: Any, elapsed_s: float,
@@ -29,7 +31,7 @@ def result_document(task: str, info: ModelInfo, *, settings: dict[str, Any], res
         "results": results,
         "elapsed_s": round(elapsed_s, 3),
         "throughput": throughput or {},
-        "jaxinfer_version": jaxinfer.__version__,
+        "jaxinfer_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
 
@@ -61,8 +63,6 @@ def format_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 @contextmanager
 def progress_bar(total: int | None, unit: str, desc: str, enabled: bool = True) -> Iterator[Any]:
     """A tqdm bar whose rate is the throughput (tokens/s); yields ``update(n)``."""
-    from tqdm.auto import tqdm
-
     bar = tqdm(total=total, unit=unit, unit_scale=True, desc=desc, disable=not enabled, dynamic_ncols=True,
                smoothing=0.1)
     try:

@@ -25,7 +25,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+import grpc
 import numpy as np
+from tqdm.auto import tqdm
+
+from jaxinfer.client import InferenceClient, generate_request
+from jaxinfer.evaluation.results import format_table
 
 PERCENTILES = (50, 90, 95, 99)
 
@@ -133,61 +138,30 @@ def arrival_offsets(n: int, rate: float, burstiness: float = 1.0, seed: int = 0)
 # --- running ----------------------------------------------------------------------------------------
 
 
-class Client:
-    """One channel to the server; ``send`` streams one Generate call and times it."""
-
-    def __init__(self, address: str, *, auth_token: str | None = None, tls_ca: bytes | None = None, tls: bool = False,
-                 timeout: float = 600.0) -> None:
-        import grpc
-
-        from server import jaxinfer_pb2 as pb
-        from server import jaxinfer_pb2_grpc as pb_grpc
-
-        self.address, self._pb, self._timeout = address, pb, timeout
-        opts = [("grpc.max_receive_message_length", 64 << 20)]
-        if tls or tls_ca:
-            self._channel = grpc.secure_channel(address, grpc.ssl_channel_credentials(root_certificates=tls_ca),
-                                                options=opts)
-        else:
-            self._channel = grpc.insecure_channel(address, options=opts)
-        self._stub = pb_grpc.InferenceStub(self._channel)
-        self._metadata = (("authorization", f"Bearer {auth_token}"),) if auth_token else None
-
-    def model_info(self) -> Any:
-        return self._stub.GetModelInfo(self._pb.GetModelInfoRequest(), timeout=30, metadata=self._metadata)
-
-    def close(self) -> None:
-        self._channel.close()
-
-    def send(self, req: BenchRequest) -> RequestRecord:
-        import grpc
-
-        pb = self._pb
-        msg = pb.GenerateRequest(max_tokens=req.max_tokens, ignore_eos=True, temperature=0.0)
-        if req.prompt_ids:
-            msg.prompt_token_ids.extend(req.prompt_ids)
-        else:
-            msg.prompt = req.prompt
-        rec = RequestRecord()
-        t0 = time.perf_counter()
-        last = None
-        try:
-            for resp in self._stub.Generate(msg, timeout=self._timeout, metadata=self._metadata):
-                now = time.perf_counter()
-                if resp.token_ids:
-                    if last is None:
-                        rec.ttft = now - t0
-                    else:
-                        rec.itl.append(now - last)
-                    last = now
-                    rec.output_tokens += len(resp.token_ids)
-                if resp.finish_reason:
-                    rec.prompt_tokens = resp.usage.prompt_tokens
-            rec.e2e = time.perf_counter() - t0
-            rec.ok = rec.output_tokens > 0
-        except grpc.RpcError as e:
-            rec.error = f"{e.code().name}: {e.details()}"
-        return rec
+def send(client: InferenceClient, req: BenchRequest) -> RequestRecord:
+    """Stream one Generate call (greedy, to its full length) and time it at the client."""
+    msg = generate_request(req.prompt, prompt_token_ids=req.prompt_ids, max_tokens=req.max_tokens, ignore_eos=True,
+                           temperature=0.0)
+    rec = RequestRecord()
+    t0 = time.perf_counter()
+    last = None
+    try:
+        for resp in client.generate(msg):
+            now = time.perf_counter()
+            if resp.token_ids:
+                if last is None:
+                    rec.ttft = now - t0
+                else:
+                    rec.itl.append(now - last)
+                last = now
+                rec.output_tokens += len(resp.token_ids)
+            if resp.finish_reason:
+                rec.prompt_tokens = resp.usage.prompt_tokens
+        rec.e2e = time.perf_counter() - t0
+        rec.ok = rec.output_tokens > 0
+    except grpc.RpcError as e:
+        rec.error = f"{e.code().name}: {e.details()}"
+    return rec
 
 
 @dataclass
@@ -239,7 +213,7 @@ def latency_stats(seconds: Sequence[float]) -> dict[str, float]:
     return {"mean": float(a.mean()), **{f"p{p}": float(np.percentile(a, p)) for p in PERCENTILES}, "n": int(a.size)}
 
 
-def run_load(client: Client, requests: Sequence[BenchRequest], *, concurrency: int | None = None,
+def run_load(client: InferenceClient, requests: Sequence[BenchRequest], *, concurrency: int | None = None,
              rate: float = math.inf, burstiness: float = 1.0, seed: int = 0, label: str = "",
              progress: bool = False) -> RunResult:
     """Send ``requests`` at ``rate`` (inf: all at once) with at most ``concurrency`` in flight."""
@@ -253,13 +227,11 @@ def run_load(client: Client, requests: Sequence[BenchRequest], *, concurrency: i
     records: list[RequestRecord | None] = [None] * len(requests)
     bar = None
     if progress:
-        from tqdm.auto import tqdm
-
         bar = tqdm(total=len(requests), desc=label or "requests", unit="req")
 
     def one(i: int) -> None:
         try:
-            records[i] = client.send(requests[i])
+            records[i] = send(client, requests[i])
         finally:
             gate.release()
             if bar is not None:
@@ -283,8 +255,6 @@ def run_load(client: Client, requests: Sequence[BenchRequest], *, concurrency: i
 
 
 def summary_table(metrics: Sequence[dict[str, Any]]) -> str:
-    from jaxinfer.evaluation.results import format_table
-
     rows = []
     for m in metrics:
         rows.append((
@@ -298,7 +268,7 @@ def summary_table(metrics: Sequence[dict[str, Any]]) -> str:
 
 def plot_sweep(runs: Sequence[RunResult], metrics: Sequence[dict[str, Any]], path: str | Path, title: str = "") -> Path:
     """Throughput against latency across the sweep, and the TTFT and ITL distributions per load."""
-    import matplotlib
+    import matplotlib  # optional dependency (the `plot` extra): only --plot needs it
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -339,7 +309,7 @@ __all__ = [
     "BenchRequest",
     "RequestRecord",
     "SLO",
-    "Client",
+    "send",
     "RunResult",
     "synthetic_requests",
     "dataset_requests",

@@ -13,7 +13,7 @@ The plain call runs the layers under ``lax.scan`` over weights stacked on a
 leading ``layers`` axis (the checkpoint layout). The engine's call unrolls them
 over one buffer per layer, with the residual stream features-first ([D, tokens])
 and every projection weight stored [out, in] (:func:`linear_t`), keys cached
-transposed: the layouts XLA CPU runs fastest (scripts/bench_layouts.py).
+transposed: the layouts XLA CPU runs fastest (scripts/experiments/bench_layouts.py).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from flax import nnx
 from jax import lax
 
 from jaxinfer.config import ModelConfig, RopeScaling
-from jaxinfer.model.weights import nest, weight_specs
+from jaxinfer.model.weights import flatten, nest, weight_specs
 
 F32 = jnp.float32
 
@@ -164,7 +164,7 @@ def linear_t(w: jax.Array, xt: jax.Array) -> jax.Array:
     With the weight's contracted axis contiguous, XLA CPU reads a weight matrix
     at close to the memory bandwidth at one token and runs many tokens as one
     large-by-small product; both measured faster than x [N, in] @ w [in, out]
-    (scripts/bench_layouts.py)."""
+    (scripts/experiments/bench_layouts.py)."""
     out, n = w.shape[:-1], xt.shape[1]
     w = w.reshape(-1, w.shape[-1])  # free for a row-major buffer; a 2-D operand keeps XLA from relayouting it
     if n == 1:  # matrix-vector: the vector as the left operand
@@ -238,8 +238,6 @@ class Transformer(nnx.Module):
             raise ValueError("Transformer needs params or rngs")
         flat = None
         if params is not None:
-            from jaxinfer.model.weights import flatten
-
             flat = flatten(params)
             missing = sorted(set(specs) - set(flat))
             extra = sorted(set(flat) - set(specs))

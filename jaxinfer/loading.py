@@ -1,12 +1,17 @@
-"""Open a model for evaluation: anything ``--model`` accepts, plus a training run's Orbax checkpoints.
+"""One way to turn a model argument into an :class:`~jaxinfer.engine.engine.Engine`.
 
-``resolve_model`` handles converted directories, GGUF files, Hugging Face directories and built-in
-names. A training run is different: its Orbax directory holds one subdirectory per saved step
-(``RUN/1000/``, ``RUN/2000/``; Orbax ``CheckpointManager`` layout), each with one or more items
-(``params/``, ``state/``, ``default/``...), and no ``config.json`` or tokenizer of ours. Give it
-with the model config (``--model-config``: a jaxinfer ``config.json`` or a Hugging Face one) and
-a tokenizer (``--tokenizer``: a tokenizer directory, Hugging Face directory or GGUF file). The
-weights are found in the stored tree wherever a subtree has exactly our weight names
+:func:`resolve` finds the weights for what ``--model`` names: a converted checkpoint directory,
+a GGUF file, a Hugging Face directory or a built-in name (the last three converted once into
+the cache; :func:`jaxinfer.checkpoint.resolve_model`), or a training run's Orbax checkpoints.
+:func:`build_engine` restores them onto a mesh and builds the engine. Every front end (the CLI,
+:func:`jaxinfer.load`, evaluation, the lm-eval backend) goes through these two.
+
+A training run is different from a converted model: its Orbax directory holds one subdirectory
+per saved step (``RUN/1000/``, ``RUN/2000/``; Orbax ``CheckpointManager`` layout), each with one
+or more items (``params/``, ``state/``, ``default/``...), and no ``config.json`` or tokenizer of
+ours. Give it with the model config (``model_config``: a jaxinfer ``config.json``, a Hugging Face
+one or a preset name) and a tokenizer (a tokenizer directory, Hugging Face directory or GGUF
+file). The weights are found in the stored tree wherever a subtree has exactly our weight names
 (``embed``, ``layers/wq``, ...; :func:`jaxinfer.model.weights.weight_specs`), e.g. the whole tree,
 ``params``, or ``model`` of a train state next to its optimizer state; Flax NNX ``{"value": x}``
 leaves are accepted. Only that subtree is read, straight into the sharded layout.
@@ -19,6 +24,22 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import gguf
+import jax
+import orbax.checkpoint as ocp
+from jax.sharding import Mesh
+
+from jaxinfer import sharding
+from jaxinfer import tokenizer as tk
+from jaxinfer.checkpoint import load_checkpoint, resolve_model
+from jaxinfer.config import PRESETS, ModelConfig, from_hf_config
+from jaxinfer.convert.names import host_dtype
+from jaxinfer.engine.engine import Engine, EngineConfig
+from jaxinfer.model.transformer import Transformer
+from jaxinfer.model.weights import flatten, nest, weight_specs
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +73,6 @@ def is_training_run(path: str | Path) -> bool:
 
 def find_training_checkpoint(path: str | Path, cfg, step: int | None = None) -> TrainingCheckpoint:
     """Locate the step (``step`` or the latest), its item and the weight subtree for ``cfg``."""
-    import orbax.checkpoint as ocp
-
     p = Path(path).expanduser().absolute()
     steps = _steps(p)
     if steps:
@@ -76,13 +95,11 @@ def find_training_checkpoint(path: str | Path, cfg, step: int | None = None) -> 
         items = [step_dir]
     if not items:
         raise ValueError(f"{step_dir} holds no Orbax checkpoint item")
-    from jaxinfer.model.weights import flatten, weight_specs
-
     want = set(weight_specs(cfg))
     for item in items:
         with ocp.PyTreeCheckpointer() as ckptr:
             tree = ckptr.metadata(item).item_metadata.tree
-        found = _find_weights(tree, want, flatten)
+        found = _find_weights(tree, want)
         if found is not None:
             prefix, suffix = found
             return TrainingCheckpoint(step_dir, item, step, prefix, suffix)
@@ -92,7 +109,7 @@ def find_training_checkpoint(path: str | Path, cfg, step: int | None = None) -> 
     )
 
 
-def _find_weights(tree: Any, want: set[str], flatten) -> tuple[tuple[str, ...], tuple[str, ...]] | None:
+def _find_weights(tree: Any, want: set[str]) -> tuple[tuple[str, ...], tuple[str, ...]] | None:
     if not isinstance(tree, dict):
         return None
     names = set(flatten(dict(tree)))
@@ -103,7 +120,7 @@ def _find_weights(tree: Any, want: set[str], flatten) -> tuple[tuple[str, ...], 
         ):
             return (), suffix
     for key, sub in tree.items():
-        found = _find_weights(sub, want, flatten)
+        found = _find_weights(sub, want)
         if found is not None:
             return (str(key),) + found[0], found[1]
     return None
@@ -111,15 +128,8 @@ def _find_weights(tree: Any, want: set[str], flatten) -> tuple[tuple[str, ...], 
 
 def restore_training_params(ckpt: TrainingCheckpoint, cfg, mesh, dtype: str) -> dict:
     """The weight subtree of a training checkpoint, nested as ``weights.nest``, sharded on ``mesh``."""
-    import jax
-    import orbax.checkpoint as ocp
-
-    from jaxinfer.convert.names import host_dtype
-    from jaxinfer.model.weights import nest, weight_specs
-    from jaxinfer.sharding import weight_shardings
-
     np_dtype = host_dtype(dtype)
-    shardings = weight_shardings(cfg, mesh)
+    shardings = sharding.weight_shardings(cfg, mesh)
     flat = {}
     for name, spec in weight_specs(cfg).items():
         flat["/".join(ckpt.prefix + (name,) + ckpt.leaf_suffix)] = jax.ShapeDtypeStruct(
@@ -132,8 +142,6 @@ def restore_training_params(ckpt: TrainingCheckpoint, cfg, mesh, dtype: str) -> 
                                                                         partial_restore=True))
     for key in ckpt.prefix:
         tree = tree[key]
-    from jaxinfer.model.weights import flatten
-
     out = {}
     for name, value in flatten(tree).items():
         if ckpt.leaf_suffix:
@@ -144,8 +152,6 @@ def restore_training_params(ckpt: TrainingCheckpoint, cfg, mesh, dtype: str) -> 
 
 def load_model_config(path: str | Path):
     """A jaxinfer ``config.json`` (ModelConfig) or a Hugging Face ``config.json``."""
-    from jaxinfer.config import PRESETS, ModelConfig, from_hf_config
-
     if str(path) in PRESETS and not Path(path).exists():
         return PRESETS[str(path)]
     p = Path(path)
@@ -159,12 +165,8 @@ def load_model_config(path: str | Path):
 
 def load_tokenizer(path: str | Path):
     """A tokenizer from a tokenizer / Hugging Face / converted checkpoint directory or a GGUF file."""
-    from jaxinfer import tokenizer as tk
-
     p = Path(path).expanduser()
     if p.is_file():
-        import gguf
-
         return tk.from_gguf(gguf.GGUFReader(str(p)))
     if (p / "tokenizer").is_dir():
         p = p / "tokenizer"
@@ -172,58 +174,62 @@ def load_tokenizer(path: str | Path):
 
 
 @dataclass(frozen=True)
-class EngineSettings:
-    slots: int = 8
-    max_len: int = 2048
-    prefill_buckets: tuple[int, ...] | None = None
-    dtype: str | None = None
-    mesh: str | None = None
-    memory_budget_bytes: int | None = None  # sizes the KV cache (slots) from a budget instead
+class ModelSource:
+    """Where an engine's weights come from."""
+
+    model: str  # what the caller named: a path or a built-in name
+    path: Path  # the converted checkpoint directory, or the training checkpoint's item directory
+    step: int | None = None  # training step of a training-run checkpoint
+    training: TrainingCheckpoint | None = None
+    config: ModelConfig | None = None  # the model config of a training run (a converted one carries its own)
 
 
-def open_engine(model: str, settings: EngineSettings, *, model_config: str | None = None, step: int | None = None,
-                tokenizer: str | None = None):
-    """(engine, checkpoint path, step): a converted/convertible model, or a training-run checkpoint
-    when ``model_config`` is given."""
-    import dataclasses
-
-    from jaxinfer import sharding
-    from jaxinfer.engine.engine import Engine, EngineConfig, enable_compilation_cache
-
-    enable_compilation_cache()
-    cfg = EngineConfig(slots=settings.slots, max_len=settings.max_len, lazy_compile=True,
-                       memory_budget_bytes=settings.memory_budget_bytes)
-    if settings.prefill_buckets:
-        cfg = dataclasses.replace(cfg, prefill_buckets=tuple(settings.prefill_buckets))
+def resolve(model: str | Path, *, dtype: str | None = None, model_config: str | Path | None = None,
+            step: int | None = None) -> ModelSource:
+    """Find (converting on first use) the weights ``model`` names; a training run's Orbax directory
+    needs ``model_config``. ``dtype`` is the dtype a conversion writes (default float32)."""
+    model = str(model)
     if model_config is not None or (is_training_run(model) and Path(model).exists()):
         if model_config is None:
-            raise ValueError(f"{model} looks like a training run's Orbax checkpoint: give its --model-config")
-        if tokenizer is None:
-            raise ValueError("a training-run checkpoint carries no tokenizer: give --tokenizer")
-        from jaxinfer.model.transformer import Transformer
-
-        mcfg = load_model_config(model_config)
-        mesh = sharding.make_mesh(settings.mesh)
-        ckpt = find_training_checkpoint(model, mcfg, step)
-        params = restore_training_params(ckpt, mcfg, mesh, settings.dtype or "float32")
-        engine = Engine(Transformer(mcfg, params=params), cfg, mesh=mesh, tokenizer=load_tokenizer(tokenizer),
-                        name=mcfg.name)
-        log.info("restored step %s of %s (%s)", ckpt.step, model, ckpt.item_dir)
-        return engine, ckpt.item_dir, ckpt.step
+            raise ValueError(f"{model} looks like a training run's Orbax checkpoint: give its model config "
+                             "(--model-config)")
+        cfg = load_model_config(model_config)
+        ckpt = find_training_checkpoint(model, cfg, step)
+        return ModelSource(model, ckpt.item_dir, ckpt.step, ckpt, cfg)
     if step is not None:
-        raise ValueError("--step applies to a training run's checkpoint directory (with --model-config)")
-    from jaxinfer.checkpoint import resolve_model
+        raise ValueError("step applies to a training run's checkpoint directory (with a model config)")
+    return ModelSource(model, resolve_model(model, dtype=dtype or "float32"))
 
-    path = resolve_model(model, dtype=settings.dtype or "float32")
-    engine = Engine.from_checkpoint(path, mesh=settings.mesh, dtype=settings.dtype, config=cfg)
-    if tokenizer is not None:
-        engine.tokenizer = load_tokenizer(tokenizer)
-    return engine, path, None
+
+def build_engine(model: str | Path | ModelSource = DEFAULT_MODEL, config: EngineConfig | None = None, *,
+                 mesh: Mesh | str | None = None, dtype: str | None = None,
+                 tokenizer: str | Path | tk.Tokenizer | None = None) -> Engine:
+    """The engine for ``model`` (anything :func:`resolve` takes, or what it returned) on ``mesh``
+    (a Mesh or ``"data=D,model=M"``; default one device). ``dtype``: the dtype the weights are
+    restored in (default: the checkpoint's); ``tokenizer`` replaces the checkpoint's (a training
+    run has none of its own)."""
+    source = model if isinstance(model, ModelSource) else resolve(model, dtype=dtype)
+    if not isinstance(mesh, Mesh):
+        mesh = sharding.make_mesh(mesh)
+    config = config or EngineConfig()
+    tok = load_tokenizer(tokenizer) if isinstance(tokenizer, (str, Path)) else tokenizer
+    if source.training is not None:
+        if tok is None:
+            raise ValueError("a training-run checkpoint carries no tokenizer: give one (--tokenizer)")
+        params = restore_training_params(source.training, source.config, mesh, dtype or "float32")
+        log.info("restored step %s of %s (%s)", source.step, source.model, source.path)
+        return Engine(Transformer(source.config, params=params), config, mesh=mesh, tokenizer=tok,
+                      name=source.config.name)
+    ckpt = load_checkpoint(source.path, mesh=mesh, dtype=dtype)
+    return Engine(Transformer(ckpt.config, params=ckpt.params), config, mesh=mesh,
+                  tokenizer=tok if tok is not None else ckpt.tokenizer, name=ckpt.config.name)
 
 
 __all__ = [
-    "EngineSettings",
-    "open_engine",
+    "DEFAULT_MODEL",
+    "ModelSource",
+    "resolve",
+    "build_engine",
     "find_training_checkpoint",
     "restore_training_params",
     "is_training_run",
