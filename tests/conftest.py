@@ -1,9 +1,16 @@
-"""Shared fixtures: the real models, converted once per test session.
+"""Shared fixtures. Shared code that is not a fixture lives in ``tests/helpers/``.
 
-``smollm2_dir`` / ``gemma3_dir`` are converted checkpoint directories (float32) of
-the built-in models; ``jaxinfer.json`` in each records the GGUF it came from. They
-are converted into ``$JAXINFER_CACHE`` when set (and reused across sessions), else
-into a per-session temporary directory. Tests using them are marked ``real``.
+* ``smollm2_dir`` / ``gemma3_dir``: converted checkpoint directories (float32) of the built-in
+  real models; ``jaxinfer.json`` in each records the GGUF it came from. They are converted into
+  ``$JAXINFER_CACHE`` when set (and reused across sessions), else into a per-session temporary
+  directory. Tests using them are marked ``real``.
+* ``hf_from_gguf``: transformers' model loaded from such a directory's GGUF (the reference),
+  once per session.
+* ``tiny_ckpt`` / ``tiny_engine``: the tiny random Llama with a real BPE tokenizer, saved as a
+  converted checkpoint once per session, and an engine over it.
+
+Markers: ``real`` (a registry model), ``slow`` (more than a few seconds on 2 CPU cores); the fast
+lane is ``python -m pytest -m "not slow and not real"``.
 """
 
 from __future__ import annotations
@@ -13,6 +20,11 @@ from pathlib import Path
 
 import pytest
 
+from jaxinfer.checkpoint import resolve_model, save_checkpoint
+from jaxinfer.engine.engine import Engine
+from jaxinfer.loading import build_engine
+from tests.helpers.tiny import BPE_ENGINE, BPE_TINY, bpe_tokenizer, bpe_weights
+
 
 @pytest.fixture(scope="session")
 def model_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -21,8 +33,6 @@ def model_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _resolve(name: str, cache: Path) -> Path:
-    from jaxinfer.checkpoint import resolve_model
-
     try:
         return resolve_model(name, cache_dir=cache)
     except ValueError as e:  # package not installed: say how to install it
@@ -41,36 +51,21 @@ def gemma3_dir(model_cache_dir: Path) -> Path:
     return _resolve("gemma3-270m", model_cache_dir)
 
 
-# --- the reference implementation on the same GGUF files ---------------------------------------
+@pytest.fixture(scope="session")
+def hf_from_gguf():
+    """``hf_from_gguf(ckpt_dir)``: the reference model for a converted real checkpoint."""
+    from tests.helpers.reference import HFModels  # torch + transformers: only the tests that compare load them
 
-_HF_MODELS: dict[Path, object] = {}
-
-
-def hf_model_from_gguf(ckpt_dir: Path):
-    """transformers' own model (PyTorch, float32) loaded from the GGUF that ``ckpt_dir``
-    was converted from; loaded once per session and shared by every test."""
-    import json
-
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    source = Path(json.loads((Path(ckpt_dir) / "jaxinfer.json").read_text())["source"])
-    if source not in _HF_MODELS:
-        m = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, dtype=torch.float32)
-        _HF_MODELS[source] = m.eval()
-    return _HF_MODELS[source]
+    return HFModels()
 
 
-def hf_greedy(hf, prompt: list[int], n: int) -> list[int]:
-    """n greedy tokens from a transformers model, end-of-sequence tokens included
-    (generate()'s min_new_tokens would mask them instead)."""
-    import torch
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A converted checkpoint directory: tiny random Llama + BPE tokenizer that adds BOS."""
+    return save_checkpoint(tmp_path_factory.mktemp("tiny") / "ckpt", BPE_TINY, bpe_weights(), bpe_tokenizer(True),
+                           progress=False)
 
-    with torch.no_grad():
-        out = hf(torch.tensor([prompt]), use_cache=True)
-        new: list[int] = []
-        for _ in range(n):
-            tok = int(out.logits[0, -1].argmax())
-            new.append(tok)
-            out = hf(torch.tensor([[tok]]), past_key_values=out.past_key_values, use_cache=True)
-    return new
+
+@pytest.fixture(scope="module")
+def tiny_engine(tiny_ckpt: Path) -> Engine:
+    return build_engine(tiny_ckpt, BPE_ENGINE)

@@ -4,21 +4,13 @@ is not a weight matmul's work (attention, cache, sampling)."""
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
-from pathlib import Path
 
 import pytest
 
 from jaxinfer.engine.engine import Engine, EngineConfig
-from test_engine import GEMMA_TINY, LLAMA_TINY, make_model
-
-_spec = importlib.util.spec_from_file_location(
-    "bench_engine", Path(__file__).resolve().parent.parent / "scripts" / "bench_engine.py")
-bench_engine = importlib.util.module_from_spec(_spec)
-sys.modules["bench_engine"] = bench_engine  # its dataclasses look their module up
-_spec.loader.exec_module(bench_engine)
+from scripts import bench_engine
+from tests.helpers.tiny import GEMMA_TINY, LLAMA_TINY, make_model
 
 
 @pytest.mark.parametrize("cfg", [LLAMA_TINY, GEMMA_TINY], ids=["llama", "gemma3"])

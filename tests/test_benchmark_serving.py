@@ -1,5 +1,5 @@
 """The serving benchmark against an in-process gRPC server over the hand-computable fake engine
-(test_scheduler): request accounting, latency statistics, goodput, arrivals, sweep JSON and PNG."""
+(tests.helpers.fakes): request accounting, latency statistics, goodput, arrivals, sweep JSON and PNG."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from jaxinfer.cli import main
+from jaxinfer.client import InferenceClient
 from jaxinfer.evaluation.serving import (
     SLO,
-    Client,
     RequestRecord,
     arrival_offsets,
     dataset_requests,
@@ -20,8 +20,8 @@ from jaxinfer.evaluation.serving import (
     run_load,
     synthetic_requests,
 )
-from test_scheduler import EOS, FakeEngine
-from test_server import Served
+from tests.helpers.fakes import EOS, FakeEngine
+from tests.helpers.served import Served
 
 
 @pytest.fixture
@@ -70,7 +70,7 @@ def test_latency_stats_and_slo():
 
 
 def test_fixed_concurrency_counts_every_token(served):
-    client = Client(f"127.0.0.1:{served.server.port}")
+    client = InferenceClient(f"127.0.0.1:{served.server.port}")
     try:
         reqs = synthetic_requests(12, 10, 6, vocab_size=97, range_ratio=0.5, exclude_ids=[EOS], seed=0)
         run = run_load(client, reqs, concurrency=4, label="c=4")
@@ -93,7 +93,7 @@ def test_fixed_concurrency_counts_every_token(served):
 
 
 def test_rate_mode_and_failures_are_reported(served):
-    client = Client(f"127.0.0.1:{served.server.port}")
+    client = InferenceClient(f"127.0.0.1:{served.server.port}")
     try:
         reqs = synthetic_requests(10, 6, 4, vocab_size=97, exclude_ids=[EOS], seed=1)
         reqs.append(synthetic_requests(1, 200, 4, vocab_size=97, exclude_ids=[EOS])[0])  # > max_len 128: refused

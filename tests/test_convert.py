@@ -32,7 +32,6 @@ from transformers import (
 )
 
 import jaxinfer.checkpoint as ckpt
-from conftest import hf_model_from_gguf
 from jaxinfer.checkpoint import convert, load_checkpoint, resolve_model, save_checkpoint
 from jaxinfer.config import GEMMA3_270M, SMOLLM2_135M, ModelConfig
 from jaxinfer.convert import read_source
@@ -625,9 +624,9 @@ def test_cli_convert(tmp_path, capsys):
 # --- (5) real models: every tensor equals transformers' GGUF loader ---------------------------
 
 
-def check_against_transformers_gguf(ckpt_dir: Path) -> ModelConfig:
+def check_against_transformers_gguf(ckpt_dir: Path, hf_from_gguf) -> ModelConfig:
     loaded = load_checkpoint(ckpt_dir)
-    sd = hf_model_from_gguf(ckpt_dir).state_dict()
+    sd = hf_from_gguf(ckpt_dir).state_dict()
     assert_weights_equal(to_numpy(loaded.params), expected_from_hf(sd, loaded.config), atol=1e-6)
     assert loaded.tokenizer is not None
     return loaded.config
@@ -641,14 +640,14 @@ SHAPE_FIELDS = ("family", "vocab_size", "hidden_size", "num_layers", "num_heads"
 
 
 @pytest.mark.real
-def test_smollm2_gguf_equals_transformers(smollm2_dir):
-    cfg = check_against_transformers_gguf(smollm2_dir)
+def test_smollm2_gguf_equals_transformers(smollm2_dir, hf_from_gguf):
+    cfg = check_against_transformers_gguf(smollm2_dir, hf_from_gguf)
     for f in SHAPE_FIELDS:
         assert getattr(cfg, f) == getattr(SMOLLM2_135M, f), f
 
 
 @pytest.mark.real
-def test_gemma3_gguf_equals_transformers(gemma3_dir):
-    cfg = check_against_transformers_gguf(gemma3_dir)
+def test_gemma3_gguf_equals_transformers(gemma3_dir, hf_from_gguf):
+    cfg = check_against_transformers_gguf(gemma3_dir, hf_from_gguf)
     for f in SHAPE_FIELDS:
         assert getattr(cfg, f) == getattr(GEMMA3_270M, f), f

@@ -9,33 +9,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
-from jaxinfer.config import GEMMA3_270M, SMOLLM2_135M, gemma3_layer_types
 from jaxinfer.engine.engine import Engine, EngineConfig
 from jaxinfer.engine.sampling import SlotSampling, sample
 from jaxinfer.engine.types import SamplingParams
 from jaxinfer.model.transformer import KVCache, Transformer
 from jaxinfer.model.weights import nest, random_weights
-
-# SmolLM2's head layout (9 heads, 3 kv heads) and Gemma 3's (4 heads, 1 kv head), shrunk.
-LLAMA_TINY = dataclasses.replace(
-    SMOLLM2_135M, name="llama-tiny", num_layers=2, hidden_size=72, intermediate_size=96,
-    vocab_size=512, head_dim=8, max_position_embeddings=512,
-)
-GEMMA_TINY = dataclasses.replace(
-    GEMMA3_270M, name="gemma-tiny", num_layers=6, hidden_size=64, intermediate_size=96,
-    vocab_size=512, head_dim=16, query_pre_attn_scalar=16.0, sliding_window=16,
-    layer_types=gemma3_layer_types(6), max_position_embeddings=512,
-)
-# span_blocks=True on every platform (the CPU default) so the layout the block
-# tests look at is the same on a GPU; the one-block layout is tested beside it.
-ENGINE_CFG = EngineConfig(slots=4, max_len=128, prefill_buckets=(16, 32), min_span=32, span_blocks=True)
-
-
-def make_model(cfg, seed=0) -> Transformer:
-    w = random_weights(cfg, seed=seed, scale=0.15)
-    return Transformer(cfg, params=nest({k: jnp.asarray(v) for k, v in w.items()}))
+from tests.helpers.scheduled import generate
+from tests.helpers.tiny import ENGINE_CFG, GEMMA_TINY, LLAMA_TINY, make_model, prompt_of
 
 
 @pytest.fixture(scope="module", params=[LLAMA_TINY, GEMMA_TINY], ids=["llama", "gemma3"])
@@ -52,10 +33,6 @@ def full_forward_logprobs(model: Transformer, seq: list[int]) -> np.ndarray:
     pos = jnp.arange(T, dtype=jnp.int32)[None]
     h, _ = model(jnp.asarray([seq], jnp.int32), pos, cache, None, T)
     return np.asarray(jax.nn.log_softmax(model.logits(h[0]), axis=-1))
-
-
-def prompt_of(n: int, seed: int = 0, vocab: int = 512) -> list[int]:
-    return [int(t) for t in np.random.default_rng(seed).integers(3, vocab, n)]
 
 
 @pytest.mark.parametrize("n_prompt", [5, 40])  # 40 crosses Gemma's 16-token window and the 32 bucket (chunked)
@@ -87,8 +64,8 @@ def test_one_block_cache_equals_span_blocks(engine: Engine):
     assert one.kv_blocks == (one.max_len,)
     prompts = [prompt_of(5, 21), prompt_of(40, 22), prompt_of(70, 23)]  # 70: past a 64-position span
     params = [SamplingParams(logprobs=5), SamplingParams(temperature=0.9, seed=4, logprobs=5), SamplingParams()]
-    a = engine.generate(prompts, params, max_tokens=12, ignore_eos=True)
-    b = one.generate(prompts, params, max_tokens=12, ignore_eos=True)
+    a = generate(engine, prompts, params, max_tokens=12, ignore_eos=True)
+    b = generate(one, prompts, params, max_tokens=12, ignore_eos=True)
     for x, y in zip(a, b):
         assert x["token_ids"] == y["token_ids"]
         np.testing.assert_allclose(x["logprobs"], y["logprobs"], atol=1e-5)
@@ -192,8 +169,8 @@ def test_bfloat16_weights_are_held_as_float32_on_cpu():
     if on_cpu:
         assert "weights float32 (checkpoint bfloat16)" in e16.describe()
         prompt, params = prompt_of(20, seed=9), SamplingParams(logprobs=5)
-        got = e16.generate([prompt], params, max_tokens=6, ignore_eos=True)[0]
-        want = e32.generate([prompt], params, max_tokens=6, ignore_eos=True)[0]
+        got = generate(e16, [prompt], params, max_tokens=6, ignore_eos=True)[0]
+        want = generate(e32, [prompt], params, max_tokens=6, ignore_eos=True)[0]
         assert len(got["token_ids"]) == 6 and got == want
 
         def decode_hlo(eng):
@@ -256,12 +233,12 @@ def test_scheduler_with_multi_step_decode_equals_single_steps():
               SamplingParams(logprobs=1), SamplingParams(temperature=1.1, top_k=20, seed=8, logprobs=1),
               SamplingParams(logprobs=1)]
     lengths = [10, 8, 13, 5, 16]
-    ref = [one.generate([p], [sp], max_tokens=n, ignore_eos=True)[0] for p, sp, n in zip(prompts, params, lengths)]
+    ref = [generate(one, [p], [sp], max_tokens=n, ignore_eos=True)[0] for p, sp, n in zip(prompts, params, lengths)]
     stop = ref[2]["token_ids"][4]  # the fifth token: inside the second 3-step call
-    ref[2] = one.generate([prompts[2]], [params[2]], max_tokens=13, stop_token_ids=[stop], ignore_eos=True)[0]
+    ref[2] = generate(one, [prompts[2]], [params[2]], max_tokens=13, stop_token_ids=[stop], ignore_eos=True)[0]
     assert len(ref[2]["token_ids"]) <= 5
     for i, want in enumerate(ref):
-        got = eng.generate([prompts[i]], [params[i]], max_tokens=lengths[i], ignore_eos=True,
+        got = generate(eng, [prompts[i]], [params[i]], max_tokens=lengths[i], ignore_eos=True,
                            stop_token_ids=[stop] if i == 2 else None)[0]
         assert got["token_ids"] == want["token_ids"] and got["finish_reason"] == want["finish_reason"]
         np.testing.assert_allclose(got["logprobs"], want["logprobs"], atol=1e-5)
@@ -323,9 +300,9 @@ def test_batch_equals_alone(engine: Engine):
                                           frequency_penalty=0.3)),
         (prompt_of(12, 5), SamplingParams(temperature=1.2, seed=3)),
     ]
-    together = engine.generate([p for p, _ in reqs], [s for _, s in reqs], max_tokens=10, ignore_eos=True)
+    together = generate(engine, [p for p, _ in reqs], [s for _, s in reqs], max_tokens=10, ignore_eos=True)
     for (p, s), res in zip(reqs, together):
-        alone = engine.generate([p], s, max_tokens=10, ignore_eos=True)[0]
+        alone = generate(engine, [p], s, max_tokens=10, ignore_eos=True)[0]
         assert alone["token_ids"] == res["token_ids"]
         assert len(res["token_ids"]) == 10 and res["finish_reason"] == "length"
 
@@ -369,7 +346,7 @@ def test_no_recompilation_while_serving(engine: Engine):
                            top_p=float(rng.choice([1.0, 0.9])), seed=i, logprobs=int(rng.integers(0, 4)))
             for i in range(50)
         ]
-        out = engine.generate(prompts, params, max_tokens=int(8), ignore_eos=True)
+        out = generate(engine, prompts, params, max_tokens=int(8), ignore_eos=True)
         assert all(len(r["token_ids"]) == 8 for r in out)
     finally:
         jax.monitoring.clear_event_listeners()
@@ -565,11 +542,11 @@ def test_seeded_request_same_beside_31_others():
                  EngineConfig(slots=32, max_len=64, prefill_buckets=(16,), min_span=64, decode_rows=(1,)))
     eng.compile(progress=False)
     prompt, params = prompt_of(9, 99), SamplingParams(temperature=1.0, top_p=0.95, seed=1234, logprobs=3)
-    alone = eng.generate([prompt], params, max_tokens=12, ignore_eos=True)[0]
+    alone = generate(eng, [prompt], params, max_tokens=12, ignore_eos=True)[0]
     others = [(prompt_of(n % 15 + 1, seed=n), SamplingParams(temperature=0.5 + n / 40, top_k=n % 7, seed=n))
               for n in range(31)]
     batch = others[:15] + [(prompt, params)] + others[15:]
-    res = eng.generate([p for p, _ in batch], [s for _, s in batch], max_tokens=12, ignore_eos=True)
+    res = generate(eng, [p for p, _ in batch], [s for _, s in batch], max_tokens=12, ignore_eos=True)
     assert res[15]["token_ids"] == alone["token_ids"]
     np.testing.assert_allclose(res[15]["logprobs"], alone["logprobs"], atol=1e-5)
     assert len({tuple(r["token_ids"]) for r in res}) > 20  # the others really sampled their own tokens

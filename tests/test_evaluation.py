@@ -5,88 +5,42 @@ perplexity within 0.1% and multiple-choice log-likelihoods."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from jaxinfer.cli import main
-from jaxinfer.commands.score import tokenize_pair
-from jaxinfer.config import SMOLLM2_135M
 from jaxinfer.engine.engine import Engine, EngineConfig
 from jaxinfer.evaluation.backend import EngineBackend, GenerationOptions, Prompt, ServerBackend
 from jaxinfer.evaluation.choice import evaluate_choice, read_items, summarize
 from jaxinfer.evaluation.perplexity import aggregate, evaluate_perplexity, rolling_windows
+from jaxinfer.loading import build_engine
 from jaxinfer.model.transformer import Transformer
-from jaxinfer.model.weights import nest, random_weights
+from jaxinfer.model.weights import nest
+from jaxinfer.tokenizer import tokenize_pair
+from tests.helpers.scheduled import generate
+from tests.helpers.tiny import BPE_ENGINE, BPE_TINY, DATA, bpe_tokenizer, bpe_weights
 
-DATA = Path(__file__).parent / "data"
 TEXT = (DATA / "ppl.txt").read_text()
-TINY = dataclasses.replace(
-    SMOLLM2_135M, name="tiny-bpe", num_layers=2, hidden_size=72, intermediate_size=96, vocab_size=384, head_dim=8,
-    max_position_embeddings=512, bos_token_id=0, eos_token_ids=(1,),
-)
-TINY_ENGINE = EngineConfig(slots=4, max_len=128, prefill_buckets=(16, 64), min_span=32, lazy_compile=True)
-CHAT = "{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}"
 
 
-def bpe_tokenizer(add_bos: bool):
-    """A real byte-level BPE (Hugging Face tokenizers) trained on the test texts: <bos>=0, <eos>=1."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    from jaxinfer.tokenizer import HFTokenizer
-
-    tk = Tokenizer(models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=TINY.vocab_size, special_tokens=["<bos>", "<eos>"], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tk.train_from_iterator([TEXT, (DATA / "choice.jsonl").read_text()], trainer)
-    assert tk.get_vocab_size() <= TINY.vocab_size
-    return HFTokenizer(tk, bos_id=0, eos_ids=[1], add_bos=add_bos, chat_template=CHAT, special_ids=[0, 1])
-
-
-def tiny_weights(seed: int = 0) -> dict[str, np.ndarray]:
-    return random_weights(TINY, seed=seed, scale=0.15)
-
-
-@pytest.fixture(scope="session")
-def tiny_ckpt(tmp_path_factory) -> Path:
-    """A converted checkpoint directory: tiny random Llama + BPE tokenizer that adds BOS."""
-    from jaxinfer.checkpoint import save_checkpoint
-
-    return save_checkpoint(tmp_path_factory.mktemp("tiny") / "ckpt", TINY, tiny_weights(), bpe_tokenizer(True),
-                           progress=False)
-
-
-@pytest.fixture(scope="module")
-def tiny_engine(tiny_ckpt) -> Engine:
-    return Engine.from_checkpoint(tiny_ckpt, config=TINY_ENGINE)
+@nnx.jit
+def _log_softmax_forward(m, x):
+    h, _ = m(x, jnp.arange(x.shape[1], dtype=jnp.int32)[None], None, None, 0)
+    return jax.nn.log_softmax(m.logits(h[0]).astype(jnp.float32), axis=-1)
 
 
 def forward_logprobs(model: Transformer, ids: list[int], pad_to: int = 128) -> np.ndarray:
     """log-softmax of one plain forward over ``ids`` (no cache, no engine); padded at the end to one
     compiled length, which causal attention makes harmless to the positions before it."""
-    from flax import nnx
-
-    global _FWD
-    if _FWD is None:
-        @nnx.jit
-        def _FWD(m, x):
-            h, _ = m(x, jnp.arange(x.shape[1], dtype=jnp.int32)[None], None, None, 0)
-            return jax.nn.log_softmax(m.logits(h[0]).astype(jnp.float32), axis=-1)
-
     x = np.zeros((1, pad_to), np.int32)
     x[0, : len(ids)] = ids
-    return np.asarray(_FWD(model, jnp.asarray(x)), np.float64)[: len(ids)]
-
-
-_FWD = None
+    return np.asarray(_log_softmax_forward(model, jnp.asarray(x)), np.float64)[: len(ids)]
 
 
 # --- the definition ---------------------------------------------------------------------------------
@@ -120,7 +74,7 @@ def test_perplexity_equals_a_plain_forward_per_window(tiny_engine, tiny_ckpt, wi
     (doc,) = evaluate_perplexity(backend, [("ppl", TEXT[:400])], window=window, stride=stride)
     ids = backend.tokenize(TEXT[:400])
     assert ids[0] == 0 and len(ids) > 100  # BOS, then the text
-    model = Transformer(TINY, params=load_checkpoint(tiny_ckpt).params)
+    model = Transformer(BPE_TINY, params=load_checkpoint(tiny_ckpt).params)
     nll, prev, k = 0.0, 1, 0
     while prev < len(ids):  # the reference, written out: window k ends at window + k * stride
         end = min(window + k * stride, len(ids))
@@ -196,7 +150,7 @@ def test_cli_perplexity_choice_generate(tiny_ckpt, tiny_engine, tmp_path, capsys
     assert rows[1]["completion_tokens"] <= 12 and all(r["completion_tokens"] <= 16 for r in rows)
     assert "." not in rows[2]["generation"]
     tok = tiny_engine.tokenizer
-    direct = tiny_engine.generate([tok.encode("The capital of France is")], max_tokens=16)[0]
+    direct = generate(tiny_engine, [tok.encode("The capital of France is")], max_tokens=16)[0]
     assert rows[0]["generation"] == tok.decode(direct["token_ids"]) and rows[0]["finish_reason"] == direct["finish_reason"]
     assert json.loads(out.read_text())["results"]["prompts"] == 4
 
@@ -242,7 +196,7 @@ def test_training_run_checkpoint_by_step(tmp_path, tiny_ckpt, capsys):
     import orbax.checkpoint as ocp
 
     run = tmp_path / "run"
-    steps = {10: tiny_weights(seed=1), 20: tiny_weights(seed=2)}
+    steps = {10: bpe_weights(seed=1), 20: bpe_weights(seed=2)}
     with ocp.CheckpointManager(run, item_names=("state",)) as mngr:
         for step, w in steps.items():
             params = jax.tree.map(lambda a: {"value": a}, nest(w))  # Flax NNX variable-state leaves
@@ -250,10 +204,10 @@ def test_training_run_checkpoint_by_step(tmp_path, tiny_ckpt, capsys):
                      "step": np.int32(step)}
             mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)))
         mngr.wait_until_finished()
-    (tmp_path / "config.json").write_text(TINY.to_json())
+    (tmp_path / "config.json").write_text(BPE_TINY.to_json())
 
     def expected(w):
-        eng = Engine(Transformer(TINY, params=nest({k: jnp.asarray(v) for k, v in w.items()})), TINY_ENGINE,
+        eng = Engine(Transformer(BPE_TINY, params=nest({k: jnp.asarray(v) for k, v in w.items()})), BPE_ENGINE,
                      tokenizer=bpe_tokenizer(True))
         return aggregate(evaluate_perplexity(EngineBackend(eng), [("t", TEXT[:300])], window=128)).nll
 
@@ -277,7 +231,7 @@ def test_training_run_checkpoint_by_step(tmp_path, tiny_ckpt, capsys):
 
 @pytest.fixture(scope="module")
 def smollm2(smollm2_dir):
-    eng = Engine.from_checkpoint(smollm2_dir, config=EngineConfig(slots=4, max_len=512, lazy_compile=True))
+    eng = build_engine(smollm2_dir, EngineConfig(slots=4, max_len=512, lazy_compile=True))
     return EngineBackend(eng, checkpoint=smollm2_dir)
 
 
@@ -299,10 +253,8 @@ def hf_window_nll(hf, ids: list[int], window: int, stride: int) -> tuple[float, 
 
 
 @pytest.mark.real
-def test_smollm2_perplexity_equals_transformers(smollm2, smollm2_dir):
-    from conftest import hf_model_from_gguf
-
-    hf = hf_model_from_gguf(smollm2_dir)
+def test_smollm2_perplexity_equals_transformers(smollm2, smollm2_dir, hf_from_gguf):
+    hf = hf_from_gguf(smollm2_dir)
     ids = smollm2.tokenize(TEXT)
     assert ids[0] != smollm2.info.bos_id and 300 < len(ids) < 512  # no BOS: the first token is context only
     for window, stride in ((512, 256), (128, 64)):  # one window (the textbook definition); sliding windows
@@ -316,12 +268,10 @@ def test_smollm2_perplexity_equals_transformers(smollm2, smollm2_dir):
 
 
 @pytest.mark.real
-def test_smollm2_choice_loglikelihoods_equal_transformers(smollm2, smollm2_dir):
-    import torch
+def test_smollm2_choice_loglikelihoods_equal_transformers(smollm2, smollm2_dir, hf_from_gguf):
+    import torch  # heavy: only the real-model tests load it
 
-    from conftest import hf_model_from_gguf
-
-    hf = hf_model_from_gguf(smollm2_dir)
+    hf = hf_from_gguf(smollm2_dir)
     items = read_items(DATA / "choice.jsonl")[:5]
     outcomes = evaluate_choice(smollm2, items)
     for it, o in zip(items, outcomes):

@@ -20,7 +20,6 @@ from jaxinfer.cli import main  # noqa: E402
 from jaxinfer.evaluation.backend import EngineBackend, GenerationOptions, Prompt  # noqa: E402
 from jaxinfer.evaluation.choice import evaluate_choice, read_items, summarize  # noqa: E402
 from jaxinfer.evaluation.perplexity import evaluate_perplexity  # noqa: E402
-from test_evaluation import tiny_ckpt, tiny_engine  # noqa: E402,F401  (fixtures)
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "tests" / "data"

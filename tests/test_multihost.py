@@ -32,12 +32,17 @@ import pytest
 
 from jaxinfer import distributed
 from jaxinfer.distributed import ClusterSpec, LockstepEngine, Op, _pack_params, _unpack_params
+from jaxinfer.engine.engine import EngineConfig
 from jaxinfer.engine.types import SamplingParams
+from jaxinfer.loading import build_engine
+from jaxinfer.metrics import Metrics
 from server import jaxinfer_pb2 as pb
 from server import jaxinfer_pb2_grpc as pb_grpc
+from server.app import ModelDescription, ServerOptions, build_server
+from tests.helpers.fakes import FakeDetokenizer, FakeEngine, FakeTokenizer, expected
+from tests.helpers.scheduled import generate
 
 ROOT = Path(__file__).resolve().parents[1]
-HERE = Path(__file__).resolve().parent
 DIED = re.compile(r"JAX distributed service detected fatal errors|another task died|heartbeat", re.I)
 
 
@@ -95,11 +100,6 @@ def test_lockstep_engine_behind_the_scheduler_in_one_process():
     """With one process the broadcast is the identity: the wrapper must still be a faithful
     EngineProtocol (the scheduler's fake engine checks every call), count one command per call,
     carry releases with the next command, and send keep-alives when idle."""
-    from test_scheduler import FakeDetokenizer, FakeEngine, FakeTokenizer, expected
-
-    from jaxinfer.metrics import Metrics
-    from server.app import ModelDescription, ServerOptions, build_server
-
     engine = FakeEngine()
     lock = LockstepEngine(engine, keepalive_s=0.3)
     sent = []
@@ -141,7 +141,7 @@ def free_port() -> int:
 def child_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_") and k != "XLA_FLAGS"}
     env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2", PYTHONUNBUFFERED="1")
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(HERE), env.get("PYTHONPATH", "")])
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])  # this checkout's jaxinfer
     env.update(extra)
     return env
 
@@ -253,7 +253,7 @@ def group_factory(tmp_path, xla_cache):
 def test_channel_and_shards_across_two_processes(tiny_dir):
     """Every command arrives as sent; each process holds only its own devices' shards."""
     port = free_port()
-    procs = [subprocess.Popen([sys.executable, str(HERE / "multihost_worker.py"), str(i), str(port), str(tiny_dir)],
+    procs = [subprocess.Popen([sys.executable, "-m", "tests.helpers.multihost_worker", str(i), str(port), str(tiny_dir)],
                               cwd=ROOT, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for i in range(2)]
     outs = [p.communicate(timeout=300) for p in procs]
@@ -281,12 +281,10 @@ TINY_PROMPTS = [[1, 5 + i, 7, 9 + 2 * i, 11] for i in range(4)]
 @pytest.fixture(scope="module")
 def tiny_reference(tiny_dir):
     """The same checkpoint in this (single) process on one device."""
-    from jaxinfer.engine.engine import Engine, EngineConfig
-
-    eng = Engine.from_checkpoint(tiny_dir, config=EngineConfig(slots=2, max_len=64, lazy_compile=True))
-    greedy = [r["token_ids"] for r in eng.generate(TINY_PROMPTS, max_tokens=12, ignore_eos=True)]
-    seeded = eng.generate(TINY_PROMPTS[:1], SamplingParams(temperature=0.8, seed=7), max_tokens=12,
-                          ignore_eos=True)[0]["token_ids"]
+    eng = build_engine(tiny_dir, EngineConfig(slots=2, max_len=64, lazy_compile=True))
+    greedy = [r["token_ids"] for r in generate(eng, TINY_PROMPTS, max_tokens=12, ignore_eos=True)]
+    seeded = generate(eng, TINY_PROMPTS[:1], SamplingParams(temperature=0.8, seed=7), max_tokens=12,
+                      ignore_eos=True)[0]["token_ids"]
     tok = eng.tokenizer
     ctx = tok.encode("one model")
     scores = [eng.score(ctx, tok.encode(c, add_bos=False)).logprob for c in (" served", " fox")]
@@ -362,13 +360,11 @@ SMOL_PROMPTS = ["The capital of France is", "def fibonacci(n):\n    "]
 @pytest.mark.slow
 def test_smollm2_two_processes_equal_one(smollm2_dir, group_factory):
     """SmolLM2 on data=2 x model=2: slots split over the two processes, the MLP within each."""
-    from jaxinfer.engine.engine import Engine, EngineConfig
-
     g = group_factory(smollm2_dir, mesh="data=2,model=2", max_len=128)  # starts while the reference runs
-    eng = Engine.from_checkpoint(smollm2_dir, config=EngineConfig(slots=2, max_len=128, lazy_compile=True))
+    eng = build_engine(smollm2_dir, EngineConfig(slots=2, max_len=128, lazy_compile=True))
     tok = eng.tokenizer
-    want = [r["token_ids"] for r in eng.generate([tok.encode(p) for p in SMOL_PROMPTS], max_tokens=16,
-                                                 ignore_eos=True)]
+    want = [r["token_ids"] for r in generate(eng, [tok.encode(p) for p in SMOL_PROMPTS], max_tokens=16,
+                                             ignore_eos=True)]
     ctx, cont = tok.encode("The capital of France is"), tok.encode(" Paris.", add_bos=False)
     want_score = eng.score(ctx, cont).logprob
     del eng

@@ -16,10 +16,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig, Qwen2Config, Qwen3Config
 
-from conftest import hf_greedy
 from jaxinfer.checkpoint import convert, load_checkpoint
 from jaxinfer.engine.engine import Engine, EngineConfig
 from jaxinfer.model.transformer import KVCache, Transformer, rms_norm
+from tests.helpers.reference import hf_greedy
+from tests.helpers.scheduled import generate
 
 SMALL = dict(vocab_size=320, hidden_size=64, intermediate_size=112, num_attention_heads=4, max_position_embeddings=256)
 
@@ -98,6 +99,6 @@ def test_engine_greedy_matches_generate(pair):
     model = Transformer(ckpt.config, params=ckpt.params)
     eng = Engine(model, EngineConfig(slots=2, max_len=128, prefill_buckets=(16, 64), min_span=64, lazy_compile=True))
     prompts = [list(map(int, tokens(n, seed=n)[0])) for n in (5, 33)]
-    res = eng.generate(prompts, max_tokens=16, ignore_eos=True)
+    res = generate(eng, prompts, max_tokens=16, ignore_eos=True)
     for p, r in zip(prompts, res):
         assert r["token_ids"] == hf_greedy(hf, p, 16), name

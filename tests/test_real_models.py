@@ -12,9 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import hf_greedy, hf_model_from_gguf
-from jaxinfer.commands.score import tokenize_pair
-from jaxinfer.engine.engine import Engine, EngineConfig
+from jaxinfer.engine.engine import EngineConfig
+from jaxinfer.loading import build_engine
+from jaxinfer.tokenizer import tokenize_pair
+from tests.helpers.reference import hf_greedy
+from tests.helpers.scheduled import generate
 
 pytestmark = pytest.mark.real
 
@@ -34,18 +36,17 @@ N_NEW = 32
 
 
 @pytest.fixture(scope="module", params=["smollm2", "gemma3"])
-def real(request):
+def real(request, hf_from_gguf):
     d = request.getfixturevalue(f"{request.param}_dir")
-    eng = Engine.from_checkpoint(d, config=EngineConfig(slots=3, max_len=256, prefill_buckets=(32,), min_span=64,
-                                                         lazy_compile=True))
-    return request.param, eng, hf_model_from_gguf(d)
+    eng = build_engine(d, EngineConfig(slots=3, max_len=256, prefill_buckets=(32,), min_span=64, lazy_compile=True))
+    return request.param, eng, hf_from_gguf(d)
 
 
 def test_greedy_generation_equals_transformers(real):
     name, eng, hf = real
     tok = eng.tokenizer
     ids = [tok.encode(p) for p in PROMPTS]
-    res = eng.generate(ids, max_tokens=N_NEW, ignore_eos=True)
+    res = generate(eng, ids, max_tokens=N_NEW, ignore_eos=True)
     for p, r in zip(ids, res):
         assert r["token_ids"] == hf_greedy(hf, p, N_NEW), (name, tok.decode(p))
 

@@ -26,7 +26,7 @@ from jaxinfer.metrics import Metrics
 from server import jaxinfer_pb2 as pb
 from server import jaxinfer_pb2_grpc as pb_grpc
 from server.app import SERVICE, ModelDescription, ServerOptions, build_server
-from test_scheduler import FakeDetokenizer, FakeEngine, FakeTokenizer, expected
+from tests.helpers.fakes import FakeDetokenizer, FakeEngine, FakeTokenizer, expected
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "multihost.md"
 

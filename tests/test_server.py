@@ -1,11 +1,10 @@
 """In-process gRPC round trips: a real grpc.server on a loopback port, a real client stub,
-the hand-computable fake engine of test_scheduler (next token = last + 1)."""
+the hand-computable fake engine of tests.helpers.fakes (next token = last + 1)."""
 
 from __future__ import annotations
 
 import argparse
 import gc
-import os
 import random
 import resource
 import shutil
@@ -22,59 +21,14 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from jaxinfer.metrics import Metrics
 from server import jaxinfer_pb2 as pb
 from server import jaxinfer_pb2_grpc as pb_grpc
-from server.app import ModelDescription, ServerOptions, build_server
-from test_scheduler import BOS, FakeDetokenizer, FakeEngine, FakeTokenizer, expected
+from server.app import ServerOptions, build_server
+from tests.helpers import wait_for
+from tests.helpers.fakes import BOS, FakeDetokenizer, FakeEngine, FakeTokenizer, expected
+from tests.helpers.served import MODEL, Served
 
 ROOT = Path(__file__).resolve().parents[1]
-MODEL = ModelDescription("fake-97", "fake", "float32", "data=1,model=1")
-
-
-class Served:
-    def __init__(self, engine: FakeEngine | None = None, tokenizer: FakeTokenizer | None = None, **options):
-        self.engine = engine or FakeEngine()
-        opts = dict(max_queue_requests=64, max_queue_tokens=4096, default_max_tokens=8, grace_period=5.0)
-        opts.update(options)
-        self.server = build_server(
-            self.engine, tokenizer or FakeTokenizer(), MODEL, ServerOptions(**opts), metrics=Metrics(),
-            detokenizer=FakeDetokenizer,
-        ).start()
-        self.metrics = self.server.metrics
-        self.channel = self.new_channel()
-        self.stub = pb_grpc.InferenceStub(self.channel)
-
-    def new_channel(self) -> grpc.Channel:
-        return grpc.insecure_channel(f"127.0.0.1:{self.server.port}")
-
-    def close(self) -> None:
-        self.channel.close()
-        self.server.stop()
-
-    def generate(self, **kw) -> tuple[list[pb.GenerateResponse], list[int], str]:
-        timeout = kw.pop("timeout", 30)
-        metadata = kw.pop("metadata", None)
-        resps = list(self.stub.Generate(pb.GenerateRequest(**kw), timeout=timeout, metadata=metadata))
-        return resps, [t for r in resps for t in r.token_ids], "".join(r.text for r in resps)
-
-    def idle(self) -> None:
-        sched = self.server.scheduler
-        wait_for(lambda: sched.load().live_requests == 0)
-        load = sched.load()
-        assert (load.active_slots, load.queue_requests, load.queue_tokens) == (0, 0, 0)
-        assert self.engine.active_slots() == 0
-        started = self.metrics.value("jaxinfer_requests_started_total")
-        assert started == sum(self.metrics.finished_by_reason().values())
-        assert self.engine.violations == []
-
-
-def wait_for(cond, timeout=10.0):
-    end = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > end:
-            raise AssertionError("condition not reached")
-        time.sleep(0.002)
 
 
 @pytest.fixture
@@ -538,7 +492,7 @@ def test_serve_help_lists_the_flags():
 SIGTERM_SCRIPT = """
 import logging, sys
 logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(name)s: %(message)s")
-from test_scheduler import FakeEngine, FakeTokenizer, FakeDetokenizer
+from tests.helpers.fakes import FakeEngine, FakeTokenizer, FakeDetokenizer
 from jaxinfer.commands.serve import serve_until_signal
 from server.app import ModelDescription, ServerOptions, build_server
 srv = build_server(FakeEngine(num_slots=2, max_len=512, step_delay=0.005), FakeTokenizer(),
@@ -548,8 +502,8 @@ sys.exit(serve_until_signal(srv))
 
 
 def test_sigterm_drains_then_exits_zero():
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]))
-    proc = subprocess.Popen([sys.executable, "-c", SIGTERM_SCRIPT], env=env, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    # `python -c` from the repository root imports the `tests` package from there
+    proc = subprocess.Popen([sys.executable, "-c", SIGTERM_SCRIPT], stderr=subprocess.PIPE, text=True, cwd=ROOT)
     try:
         port = None
         for line in proc.stderr:

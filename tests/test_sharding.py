@@ -16,8 +16,8 @@ from jaxinfer.sharding import MeshShape, make_mesh, partition_spec
 def sharded_results() -> dict:
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     proc = subprocess.run(
-        [sys.executable, str(Path(__file__).with_name("sharded_run.py"))],
-        capture_output=True, text=True, env=env, timeout=600,
+        [sys.executable, "-m", "tests.helpers.sharded_run"],
+        capture_output=True, text=True, env=env, timeout=600, cwd=Path(__file__).resolve().parents[1],
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -1,20 +1,19 @@
-"""Run by test_sharding.py in a fresh process with 8 virtual CPU devices:
-greedy tokens and top logprobs of the same engine on several meshes, as JSON."""
+"""Run by test_sharding.py in a fresh process with 8 virtual CPU devices
+(``python -m tests.helpers.sharded_run`` from the repository root): greedy tokens and top
+logprobs of the same engine on several meshes, as JSON."""
 
 import json
 import os
-import sys
 
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 
 import jax  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(__file__))
-from test_engine import ENGINE_CFG, GEMMA_TINY, LLAMA_TINY, make_model, prompt_of  # noqa: E402
-
 from jaxinfer.engine.engine import Engine  # noqa: E402
 from jaxinfer.engine.types import SamplingParams  # noqa: E402
 from jaxinfer.sharding import make_mesh  # noqa: E402
+from tests.helpers.scheduled import generate  # noqa: E402
+from tests.helpers.tiny import ENGINE_CFG, GEMMA_TINY, LLAMA_TINY, make_model, prompt_of  # noqa: E402
 
 assert len(jax.devices()) == 8, jax.devices()
 out = {}
@@ -23,8 +22,8 @@ for cfg in (LLAMA_TINY, GEMMA_TINY):
         eng = Engine(make_model(cfg), ENGINE_CFG, mesh=make_mesh(mesh))
         eng.compile(progress=False)
         prompts = [prompt_of(n, seed=n) for n in (5, 40, 17)]
-        res = eng.generate(prompts, [SamplingParams(), SamplingParams(), SamplingParams(temperature=0.9, seed=3)],
-                           max_tokens=12, ignore_eos=True)
+        res = generate(eng, prompts, [SamplingParams(), SamplingParams(), SamplingParams(temperature=0.9, seed=3)],
+                       max_tokens=12, ignore_eos=True)
         # three short prompts in one prefill call (a padding row writes to no slot), then 3 steps
         items = [(i, prompt_of(n, seed=50 + n), SamplingParams(temperature=0.7 * i, seed=i, logprobs=2))
                  for i, n in enumerate((3, 16, 9))]

@@ -5,7 +5,7 @@
 * passes a fixed list of commands through :class:`jaxinfer.distributed.Channel` (process 0
   sends, process 1 receives) and reports what process 1 got.
 
-    python tests/multihost_worker.py PROCESS_ID COORDINATOR_PORT CHECKPOINT_DIR
+    python -m tests.helpers.multihost_worker PROCESS_ID COORDINATOR_PORT CHECKPOINT_DIR
 Prints one line ``RESULT {json}``.
 """
 
