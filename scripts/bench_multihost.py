@@ -121,13 +121,14 @@ def worker(args) -> None:
     import jax
 
     from jaxinfer import distributed
-    from jaxinfer.engine.engine import Engine, EngineConfig, enable_compilation_cache
+    from jaxinfer.engine.engine import EngineConfig, enable_compilation_cache
+    from jaxinfer.loading import build_engine
 
     if args.worker != "single":
         distributed.initialize(args.coordinator, 2, args.process_id, heartbeat_timeout_s=30)
     enable_compilation_cache()  # $JAXINFER_XLA_CACHE, set by the driver
     config = EngineConfig(slots=args.slots, max_len=args.max_len, lazy_compile=True, min_span=args.max_len)
-    engine = Engine.from_checkpoint(args.model, mesh=args.mesh, config=config)
+    engine = build_engine(args.model, config, mesh=args.mesh)
     out: dict = {"devices": jax.device_count(), "processes": jax.process_count(), "mesh": args.mesh}
     if args.worker == "lockstep":
         if args.process_id:

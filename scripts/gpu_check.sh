@@ -97,7 +97,7 @@ rm -f "$OUT/dispatch.json"
 for flags in "" "--xla_gpu_enable_command_buffer="; do
   [ "$backend" = "gpu" ] || [ -z "$flags" ] || continue
   XLA_FLAGS="$flags" XLA_PYTHON_CLIENT_MEM_FRACTION=0.4 limit "${GPU_CHECK_DISPATCH_LIMIT:-0}" \
-    python3 scripts/bench_dispatch.py "${dispatch[@]}" --lock "$OUT/dispatch.lock" --json "$OUT/dispatch.json" \
+    python3 -m scripts.experiments.bench_dispatch "${dispatch[@]}" --lock "$OUT/dispatch.lock" --json "$OUT/dispatch.json" \
     2>>"$OUT/dispatch.log" &
 done
 wait
@@ -105,7 +105,7 @@ wait
 # The runtime's host cost per buffer passed (read-only and donated), and how much
 # of a decode call's host time the engine's buffers account for.
 echo "== host cost per buffer (log: $OUT/buffers.log)"
-XLA_PYTHON_CLIENT_MEM_FRACTION=0.2 limit "${GPU_CHECK_BUFFERS_LIMIT:-0}" python3 scripts/bench_buffers.py \
+XLA_PYTHON_CLIENT_MEM_FRACTION=0.2 limit "${GPU_CHECK_BUFFERS_LIMIT:-0}" python3 -m scripts.experiments.bench_buffers \
   --json "$OUT/buffers.json" 2>"$OUT/buffers.log"
 python3 - "$OUT/buffers.json" "$OUT/dispatch.json" <<'PY' || true
 import json, sys

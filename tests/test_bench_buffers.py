@@ -3,15 +3,9 @@ runtime a call that donates more buffers costs the host more."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
-_spec = importlib.util.spec_from_file_location(
-    "bench_buffers", Path(__file__).resolve().parent.parent / "scripts" / "bench_buffers.py")
-bench_buffers = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(bench_buffers)
+from scripts.experiments import bench_buffers
 
 
 def test_fit_recovers_cost_per_buffer_and_per_call():

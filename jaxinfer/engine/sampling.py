@@ -318,11 +318,6 @@ def draw_filtered(x, s: SlotSampling, u) -> jax.Array:
     return jnp.where(resolved, tok_cand, jnp.where(plain, tok_full, tok_bisect))
 
 
-# The draw sample() traces (scripts/bench_sampling.py swaps in _draw_bisected
-# to time the two side by side).
-_DRAW = draw_filtered
-
-
 def sample(logits, s: SlotSampling, counts, seen, positions, *, greedy_only: bool = False,
            want_top=None) -> Sampled:
     """Sample one token per row. logits [B, V] f32 (raw model output); s, counts,
@@ -355,7 +350,7 @@ def sample(logits, s: SlotSampling, counts, seen, positions, *, greedy_only: boo
 
     def draw(x):
         u = jax.vmap(lambda k: jax.random.uniform(k, dtype=F32))(jax.vmap(_slot_key)(s.seed, positions))
-        return _DRAW(x, s, u)
+        return draw_filtered(x, s, u)
 
     def pick(x, greedy_tok):
         # Greedy-only batches skip the sampling work entirely.

@@ -7,8 +7,8 @@
    after the first token, and its ratio to (1).
 3. Aggregate tokens/s at 1, 8 and 32 concurrent gRPC streams.
 
-    python scripts/bench_grpc_overhead.py                  # SmolLM2-135M, 32 slots
-    python scripts/bench_grpc_overhead.py --quick          # smaller, for a smoke run
+    python -m scripts.experiments.bench_grpc_overhead                  # SmolLM2-135M, 32 slots
+    python -m scripts.experiments.bench_grpc_overhead --quick          # smaller, for a smoke run
 """
 
 from __future__ import annotations
@@ -68,16 +68,15 @@ def main(argv=None) -> int:
     import grpc
     from tqdm import tqdm
 
-    from jaxinfer.checkpoint import resolve_model
-    from jaxinfer.engine.engine import Engine, EngineConfig, enable_compilation_cache
+    from jaxinfer.engine.engine import EngineConfig, enable_compilation_cache
+    from jaxinfer.loading import build_engine
     from jaxinfer.metrics import Metrics
     from server import jaxinfer_pb2 as pb
     from server import jaxinfer_pb2_grpc as pb_grpc
     from server.app import ModelDescription, ServerOptions, build_server
 
     enable_compilation_cache()
-    engine = Engine.from_checkpoint(resolve_model(args.model),
-                                    config=EngineConfig(slots=args.slots, max_len=args.max_len))
+    engine = build_engine(args.model, EngineConfig(slots=args.slots, max_len=args.max_len))
     engine.compile(progress=False)
     prompt = engine.tokenizer.encode("The history of the printing press begins")
     results: dict = {"model": engine.name, "slots": args.slots, "tokens_per_stream": args.tokens}

@@ -11,8 +11,8 @@ N, and fits the host time per call against N: the slope is the runtime's cost
 per buffer, the intercept its cost per call. Multiplied by the engine's buffer
 counts it says how much of a decode call's host time the buffers explain.
 
-    python scripts/bench_buffers.py                  # table
-    python scripts/bench_buffers.py --json buffers.json
+    python -m scripts.experiments.bench_buffers                  # table
+    python -m scripts.experiments.bench_buffers --json buffers.json
 
 Host time is the time the dispatching thread spends in the call (calls issued
 back to back, results awaited at the end); per call is the wall time over those

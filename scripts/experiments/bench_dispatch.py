@@ -3,8 +3,8 @@ against the time per step, for calls dispatched back to back (pipelined) and
 awaited one by one. Run it once per XLA_FLAGS setting to compare them, e.g.
 on a GPU with and without command buffers (CUDA graphs):
 
-    python scripts/bench_dispatch.py --preset llama3-8b-shape --dtype bfloat16
-    XLA_FLAGS=--xla_gpu_enable_command_buffer= python scripts/bench_dispatch.py ...
+    python -m scripts.experiments.bench_dispatch --preset llama3-8b-shape --dtype bfloat16
+    XLA_FLAGS=--xla_gpu_enable_command_buffer= python -m scripts.experiments.bench_dispatch ...
 
 With --lock FILE several copies may compile side by side and take turns to
 time (each holds the lock while it times). Prints one line and appends a JSON
@@ -20,12 +20,8 @@ import os
 import sys
 import time
 from contextlib import nullcontext
-from pathlib import Path
 
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
 
 class _Lock:
     def __init__(self, path: str):
@@ -53,7 +49,7 @@ def main(argv=None) -> int:
 
     import jax
 
-    from bench_engine import random_checkpoint
+    from scripts.bench_engine import random_checkpoint
     from jaxinfer.engine.engine import Engine, EngineConfig
     from jaxinfer.engine.types import SamplingParams
     from jaxinfer.model.transformer import Transformer

@@ -16,7 +16,7 @@ rests on (SmolLM2-135M shapes, float32, random values):
 
 Prints a table (min of several runs; the ratio is what carries across machines).
 
-    python scripts/bench_layouts.py
+    python -m scripts.experiments.bench_layouts
 """
 
 from __future__ import annotations
