@@ -12,6 +12,7 @@ with the scoring tokenization of :func:`jaxinfer.tokenizer.tokenize_pair`.
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence, Union
@@ -72,12 +73,13 @@ class LLM:
         chat: bool = False,
         progress: Callable[[Completion], None] | None = None,
     ) -> list[Completion]:
-        """Generate for every prompt (text or token ids), batched by the scheduler. ``sampling``:
+        """Generate for every prompt (text or token ids; a lone prompt needs no list), batched by the
+        scheduler. ``sampling``:
         one for all prompts or one each (default greedy). ``max_tokens`` is clipped to the room the
         engine's ``max_len`` leaves after each prompt. ``chat``: each text prompt is a user message
         rendered with the chat template. ``progress`` is called with each completion, in order."""
-        if isinstance(prompts, str):
-            prompts = [prompts]
+        if isinstance(prompts, str) or (len(prompts) and all(isinstance(t, numbers.Integral) for t in prompts)):
+            prompts = [prompts]  # one prompt: text, or a flat list of token ids
         prompts = list(prompts)
         if sampling is None:
             sampling = SamplingParams()
