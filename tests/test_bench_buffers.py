@@ -18,7 +18,7 @@ def test_measure_runs_and_donated_buffers_cost_the_host(capsys):
     res = bench_buffers.measure([1, 128], elements=256, calls=10, repeat=2)
     assert [r["buffers"] for r in res["rows"]] == [1, 128]
     one, many = res["rows"]
-    # 128 donated buffers, each updated in place, cost far more than one (~1 us each on 2 CPU cores)
+    # the runtime pays per donated buffer, so 128 of them cost the host clearly more than one
     assert many["donated_host_us"] > one["donated_host_us"] + 20
     assert res["donated_host_us_per_buffer"] > 0
     assert bench_buffers.main(["--counts", "1,8", "--calls", "3", "--repeat", "1"]) == 0
