@@ -11,7 +11,8 @@ In one run on one machine, with the same weights:
     engine's own buffers and kernels, no attention, cache or sampling), and
     the ceilings it sets on the targets' ratios (a square-matmul peak
     overstates what a 32-token matmul reaches).
-Prints a table with the ratios and writes JSON (and a PNG with --plot).
+Prints a table with the ratios and writes JSON; `python scripts/perf_doc.py` turns JSON in
+docs/data/ into docs/performance.md's tables and plots.
 
     python scripts/bench_engine.py                       # SmolLM2-135M float32 vs transformers
     python scripts/bench_engine.py --quick               # small sizes, a smoke run
@@ -351,7 +352,6 @@ def main(argv=None) -> int:
     p.add_argument("--no-hf", action="store_true", help="skip transformers (e.g. on a GPU, or with --preset)")
     p.add_argument("--quick", action="store_true", help="smoke run: small sizes, few steps")
     p.add_argument("--json", default="bench_engine.json", help="write results here")
-    p.add_argument("--plot", default=None, help="write a PNG of decode tokens/s against batch size")
     args = p.parse_args(argv)
     if args.quick:
         args.prefill, args.batches, args.contexts, args.steps, args.repeat = "32,64", "1,4", "32", 2, 1
@@ -389,7 +389,8 @@ def main(argv=None) -> int:
     n_params = sum(x.size for x in jax.tree.leaves(ckpt.params))
     res = Result(
         machine={"platform": platform.platform(), "cpus": os.cpu_count(), "backend": jax.default_backend(),
-                 "devices": [str(d) for d in jax.devices()][:8], "jax": jax.__version__},
+                 "devices": [str(d) for d in jax.devices()][:8], "jax": jax.__version__,
+                 "load_average": os.getloadavg()},  # other work on a shared machine skews every figure
         model=cfg.name, dtype=args.dtype, bandwidth_gbs=bw / 1e9, matmul_gflops=peak / 1e9, param_bytes=param_bytes,
     )
     # grouped before the decode cases, so that one engine is alive at a time
@@ -472,8 +473,8 @@ def main(argv=None) -> int:
         del eng
         Path(args.json).write_text(json.dumps(asdict(res), indent=2))  # partial results, should a run be cut short
 
-    # The machine's bandwidth drifts over minutes on a shared VM (42-80 GB/s seen
-    # here): measure again at the end, and hold every step to the better of the two.
+    # A shared VM's bandwidth drifts over minutes: measure again at the end, and
+    # hold every step to the better of the two.
     bw_end = measure_bandwidth()
     res.machine["bandwidth_gbs_start_end"] = [bw / 1e9, bw_end / 1e9]
     bw = max(bw, bw_end)
@@ -512,9 +513,6 @@ def main(argv=None) -> int:
     print_table(res, hf is not None)
     Path(args.json).write_text(json.dumps(asdict(res), indent=2))
     print(f"wrote {args.json}")
-    if args.plot:
-        plot(res, args.plot)
-        print(f"wrote {args.plot}")
     return 0
 
 
@@ -547,30 +545,6 @@ def print_table(res: Result, with_hf: bool) -> None:
         print(f"{'':7} {r['batch']:5d}  {r['context']:7d}  {r['step_ms']:7.1f}  {r.get('matmul_floor_ms', float('nan')):10.1f}  {r['tok_s']:6.1f}  "
               f"{r['roofline_tok_s']:14.1f}  {r['bound']:7}  {r['roofline_frac'] * 100:10.0f}%  {hf}")
     print("\ntargets:", json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in res.targets.items()}))
-
-
-def plot(res: Result, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for ctx in sorted({r["context"] for r in res.decode}):
-        rows = [r for r in res.decode if r["context"] == ctx]
-        ax.plot([r["batch"] for r in rows], [r["tok_s"] for r in rows], "o-", label=f"jaxinfer ctx {ctx}")
-        if "transformers_tok_s" in rows[0]:
-            ax.plot([r["batch"] for r in rows], [r["transformers_tok_s"] for r in rows], "s--",
-                    label=f"transformers ctx {ctx}")
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("batch (concurrent sequences)")
-    ax.set_ylabel("decode tokens/s")
-    ax.set_title(f"{res.model} {res.dtype} decode throughput")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
 
 
 if __name__ == "__main__":
