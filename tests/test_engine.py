@@ -19,7 +19,9 @@ from tests.helpers.scheduled import generate
 from tests.helpers.tiny import ENGINE_CFG, GEMMA_TINY, LLAMA_TINY, make_model, prompt_of
 
 
-@pytest.fixture(scope="module", params=[LLAMA_TINY, GEMMA_TINY], ids=["llama", "gemma3"])
+# Gemma's engine takes minutes to compile on 2 cores: the fast lane checks the engine on Llama.
+@pytest.fixture(scope="module", params=[pytest.param(LLAMA_TINY, id="llama"),
+                                        pytest.param(GEMMA_TINY, id="gemma3", marks=pytest.mark.slow)])
 def engine(request) -> Engine:
     eng = Engine(make_model(request.param), ENGINE_CFG)
     eng.compile(progress=False)
@@ -71,6 +73,7 @@ def test_one_block_cache_equals_span_blocks(engine: Engine):
         np.testing.assert_allclose(x["logprobs"], y["logprobs"], atol=1e-5)
 
 
+@pytest.mark.slow  # compiles an engine with twice the spans
 def test_half_octave_spans_equal_full_forward():
     """span_steps=2 adds spans half way between the powers of two (48 and 96
     here); prefill and decode over them give the full forward's log-probs, and
@@ -91,6 +94,7 @@ def test_half_octave_spans_equal_full_forward():
         np.testing.assert_allclose([t.logprob, *t.top_logprobs], [row[t.token], *row[list(t.top_ids)]], atol=1e-4)
 
 
+@pytest.mark.slow  # compiles a second engine
 def test_decode_skips_blocks_no_row_needs(engine: Engine):
     """A decode over every row runs attention block by block and skips, at run
     time, the blocks no row needs: a span of 128 in blocks of 16 read at
@@ -125,6 +129,7 @@ def test_decode_skips_blocks_no_row_needs(engine: Engine):
     assert every_row - one_row == 8 * eng.cfg.num_layers  # each of the 8 blocks, every layer
 
 
+@pytest.mark.slow  # compiles a second engine
 def test_one_slot_engine_pads_a_cache_row(engine: Engine):
     """A one-slot engine allocates a second, unused cache row (XLA CPU copies
     every block of a one-row cache on each step); slot 1 stays out of range,
@@ -149,6 +154,7 @@ def test_one_slot_engine_pads_a_cache_row(engine: Engine):
         one.prefill(1, short, params)
 
 
+@pytest.mark.slow  # compiles three more engines
 def test_bfloat16_weights_are_held_as_float32_on_cpu():
     """XLA CPU has no bfloat16 matmul: it converts every bfloat16 weight to
     float32 on every call. A CPU engine holds bfloat16 weights as float32
@@ -206,6 +212,7 @@ def test_multi_step_decode_equals_single_steps(engine: Engine):
         eng.decode([1], steps=3).result()
 
 
+@pytest.mark.slow  # compiles two more engines
 def test_scheduler_with_multi_step_decode_equals_single_steps():
     """The scheduler and Engine.generate over an engine with decode_steps=3
     give the same tokens and logprobs as single steps, for greedy and seeded
@@ -500,6 +507,7 @@ def _filtered_probs(x: np.ndarray, temperature=1.0, top_k=0, top_p=1.0, min_p=0.
     return p
 
 
+@pytest.mark.slow  # compiles the sampler over a 262144-token vocabulary
 def test_large_vocabulary_sampling_follows_the_filters():
     """Each path of the sampler (candidates, two-level draw over the whole
     vocabulary, bisection) on a vocabulary of 8192: every token lies in the
@@ -535,6 +543,7 @@ def test_greedy_and_seed_reproducible():
     np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow  # compiles a 32-slot engine
 def test_seeded_request_same_beside_31_others():
     """A seeded sampled request yields the same tokens alone (slot 0) and as slot 15
     of 32 concurrent requests with their own parameters."""

@@ -69,6 +69,7 @@ def in_repo(monkeypatch):
     monkeypatch.chdir(ROOT)  # the task YAMLs name their data files relative to the repository
 
 
+@pytest.mark.slow  # lm-eval runs three tasks
 def test_simple_evaluate_in_process_equals_jaxinfer(tiny_ckpt, tiny_engine, in_repo, capsys):
     res = simple_evaluate("jaxinfer", TASKS, model_args=f"model={tiny_ckpt},slots=4,max_len=128,window=64,stride=32")
     # loglikelihood == `jaxinfer score`, pair by pair
@@ -95,6 +96,7 @@ def test_simple_evaluate_in_process_equals_jaxinfer(tiny_ckpt, tiny_engine, in_r
     assert all("\n" not in g.text and "." not in g.text for g in ours)
 
 
+@pytest.mark.slow
 def test_against_a_server_equals_in_process(tiny_engine, in_repo):
     from jaxinfer.metrics import Metrics
     from server.app import ModelDescription, ServerOptions, build_server
@@ -113,6 +115,7 @@ def test_against_a_server_equals_in_process(tiny_engine, in_repo):
     assert remote["results"]["jaxinfer_tiny_choice"]["acc,none"] == local["results"]["jaxinfer_tiny_choice"]["acc,none"]
 
 
+@pytest.mark.slow  # a fresh process imports lm-eval and compiles
 def test_lm_eval_command_line(tiny_ckpt, tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "jaxinfer.lm_eval_backend", "--model", "jaxinfer", "--model_args",

@@ -23,6 +23,7 @@ def sharded_results() -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow  # a fresh process compiles six engines
 @pytest.mark.parametrize("model", ["llama-tiny", "gemma-tiny"])
 @pytest.mark.parametrize("mesh", ["data=2,model=4", "data=1,model=8"])
 def test_sharded_equals_single_device(sharded_results, model, mesh):
@@ -36,6 +37,7 @@ def test_sharded_equals_single_device(sharded_results, model, mesh):
     np.testing.assert_allclose([lp for _, lp in got["many"]], [lp for _, lp in ref["many"]], atol=1e-4)
 
 
+@pytest.mark.slow
 def test_shardings_are_really_split(sharded_results):
     # SmolLM2-shaped: 9 heads do not divide over 4 -> replicated; data=2 splits slots.
     # 9 heads and 3 kv heads do not divide by 4: heads and cache replicate over
