@@ -94,6 +94,7 @@ def test_per_layer_hidden_states(pair):
         np.testing.assert_allclose(np.asarray(h), np.asarray(expect), atol=2e-4, rtol=0, err_msg=f"{name} layer {n - 1}")
 
 
+@pytest.mark.slow  # compiles an engine per family; the logits and per-layer parity stay in the fast lane
 def test_engine_greedy_matches_generate(pair):
     name, hf, ckpt = pair
     model = Transformer(ckpt.config, params=ckpt.params)
