@@ -26,6 +26,17 @@ from jaxinfer.loading import build_engine
 from tests.helpers.tiny import BPE_ENGINE, BPE_TINY, bpe_tokenizer, bpe_weights
 
 
+REAL_MODEL_FIXTURES = frozenset({"smollm2_dir", "gemma3_dir"})
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects by marker
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test that uses a registry model is marked ``real`` whether or not its author said so."""
+    for item in items:
+        if REAL_MODEL_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.real)
+
+
 @pytest.fixture(scope="session")
 def model_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     env = os.environ.get("JAXINFER_CACHE")
