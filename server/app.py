@@ -33,7 +33,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 import jaxinfer
-from jaxinfer.engine.types import MAX_TOP_LOGPROBS, EngineProtocol, SamplingParams
+from jaxinfer.engine.types import MAX_TOP_LOGPROBS, EngineProtocol
 from jaxinfer.metrics import Metrics
 from jaxinfer.scheduler import (
     InvalidRequestError,
@@ -48,6 +48,7 @@ from jaxinfer.scheduler import (
 from server import jaxinfer_pb2 as pb
 from server import jaxinfer_pb2_grpc as pb_grpc
 from server.auth import BearerTokenInterceptor
+from server.requests import RequestBuilder, sampling_params
 
 log = logging.getLogger(__name__)
 
@@ -175,6 +176,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         metrics: Metrics,
     ) -> None:
         self._sched, self._tok, self._model, self._opts, self._metrics = scheduler, tokenizer, model, options, metrics
+        self._req = RequestBuilder(scheduler, tokenizer, options.default_max_tokens)
 
     # -- Generate --------------------------------------------------------------------------------------
 
@@ -247,61 +249,38 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         if len(given) > 1:
             raise InvalidRequestError(given[1], f"give exactly one of prompt, prompt_token_ids, messages (got {given})")
         if r.prompt:
-            ids = self._encode("prompt", r.prompt)
+            ids = self._req.encode("prompt", r.prompt)
         elif r.messages:
-            ids = self._encode("messages", self._render_chat(r.messages), chat=True)
+            ids = self._req.encode("messages", self._render_chat(r.messages), chat=True)
         else:
             ids = list(r.prompt_token_ids)
-        max_len = self._sched.max_len
-        if r.HasField("max_tokens"):
-            max_tokens = r.max_tokens
-        else:
-            room = max_len - len(ids)
-            max_tokens = min(self._opts.default_max_tokens, room) if room >= 1 else self._opts.default_max_tokens
-        truncated = 0
-        if r.truncate_prompt and len(ids) + max_tokens > max_len and 1 <= max_tokens < max_len:
-            keep = max_len - max_tokens
-            truncated, ids = len(ids) - keep, ids[-keep:]
-        sampling = SamplingParams(
-            temperature=r.temperature if r.HasField("temperature") else 0.0,
-            top_k=r.top_k if r.HasField("top_k") else 0,
-            top_p=r.top_p if r.HasField("top_p") else 1.0,
-            min_p=r.min_p if r.HasField("min_p") else 0.0,
-            repetition_penalty=r.repetition_penalty if r.HasField("repetition_penalty") else 1.0,
-            presence_penalty=r.presence_penalty,
-            frequency_penalty=r.frequency_penalty,
-            seed=r.seed if r.HasField("seed") else None,
-            logprobs=r.logprobs if r.HasField("logprobs") else 0,
-        )
-        req = Request(
-            prompt_ids=tuple(ids),
-            max_tokens=max_tokens,
-            sampling=sampling,
+        built = self._req.build(
+            ids,
             request_id=rid,
+            max_tokens=r.max_tokens if r.HasField("max_tokens") else None,
+            sampling=sampling_params(
+                temperature=r.temperature if r.HasField("temperature") else None,
+                top_k=r.top_k if r.HasField("top_k") else None,
+                top_p=r.top_p if r.HasField("top_p") else None,
+                min_p=r.min_p if r.HasField("min_p") else None,
+                repetition_penalty=r.repetition_penalty if r.HasField("repetition_penalty") else None,
+                presence_penalty=r.presence_penalty,
+                frequency_penalty=r.frequency_penalty,
+                seed=r.seed if r.HasField("seed") else None,
+                logprobs=r.logprobs if r.HasField("logprobs") else None,
+            ),
             min_tokens=r.min_tokens,
-            stop=tuple(r.stop),
-            stop_token_ids=tuple(r.stop_token_ids),
+            stop=r.stop,
+            stop_token_ids=r.stop_token_ids,
             ignore_eos=r.ignore_eos,
             return_logprobs=r.HasField("logprobs"),
+            truncate=r.truncate_prompt,
             deadline=_deadline(context),
         )
-        return req, ids, truncated
+        return built.request, built.prompt_ids, built.truncated
 
     def _render_chat(self, messages) -> str:
-        try:
-            return self._tok.apply_chat_template([{"role": m.role, "content": m.content} for m in messages])
-        except ValueError as e:
-            raise InvalidRequestError("messages", f"messages: {e}") from None
-
-    def _encode(self, field_name: str, text: str, chat: bool = False, add_bos: bool | None = None) -> list[int]:
-        if chat:  # a template that writes the BOS text itself must not get a second BOS
-            bos = getattr(self._tok, "bos_token", None)
-            if isinstance(bos, str) and bos and text.startswith(bos):
-                add_bos = False
-        try:
-            return list(self._tok.encode(text, add_bos=add_bos))
-        except ValueError as e:
-            raise InvalidRequestError(field_name, f"{field_name}: {e}") from None
+        return self._req.render_chat([{"role": m.role, "content": m.content} for m in messages])
 
     # -- unary calls -----------------------------------------------------------------------------------
 
@@ -310,12 +289,12 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         n = len(request.continuations)
         if not 1 <= n <= MAX_CONTINUATIONS:
             raise InvalidRequestError("continuations", f"{n} continuations (must be 1..{MAX_CONTINUATIONS})")
-        context_ids = self._encode("context", request.context)
+        context_ids = self._req.encode("context", request.context)
         if not context_ids:
             raise InvalidRequestError("context", "context is empty and the tokenizer adds no BOS: nothing to condition on")
         resp = pb.ScoreResponse(context_token_ids=context_ids)
         for i, text in enumerate(request.continuations):
-            cont = self._encode(f"continuations[{i}]", text, add_bos=False)
+            cont = self._req.encode(f"continuations[{i}]", text, add_bos=False)
             if not cont:
                 raise InvalidRequestError(f"continuations[{i}]", f"continuations[{i}] is empty")
             try:
@@ -334,8 +313,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         add_bos = request.add_bos if request.HasField("add_bos") else None
         if request.messages:
             text = self._render_chat(request.messages)
-            return pb.TokenizeResponse(token_ids=self._encode("messages", text, chat=True, add_bos=add_bos), text=text)
-        return pb.TokenizeResponse(token_ids=self._encode("text", request.text, add_bos=add_bos), text=request.text)
+            return pb.TokenizeResponse(token_ids=self._req.encode("messages", text, chat=True, add_bos=add_bos), text=text)
+        return pb.TokenizeResponse(token_ids=self._req.encode("text", request.text, add_bos=add_bos), text=request.text)
 
     @_unary
     def Detokenize(self, request: pb.DetokenizeRequest, context: grpc.ServicerContext) -> pb.DetokenizeResponse:
