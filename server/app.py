@@ -15,11 +15,13 @@ UNAUTHENTICATED        missing or wrong bearer token (when the server has one)
 =====================  ===================================================================
 
 Also served: the standard ``grpc.health.v1.Health`` (NOT_SERVING once draining) and server
-reflection. :func:`build_server` wires it all; the lead's ``serve`` command and the tests call it.
+reflection, and (``http=``) the OpenAI-compatible HTTP API of :mod:`server.openai_api` on the same
+scheduler. :func:`build_server` wires it all; the ``serve`` command and the tests call it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import threading
@@ -48,6 +50,7 @@ from jaxinfer.scheduler import (
 from server import jaxinfer_pb2 as pb
 from server import jaxinfer_pb2_grpc as pb_grpc
 from server.auth import BearerTokenInterceptor
+from server.openai_api.server import HttpOptions, HttpServer
 from server.requests import RequestBuilder, sampling_params
 
 log = logging.getLogger(__name__)
@@ -347,15 +350,18 @@ class InferenceServer:
 
     def __init__(
         self, server: grpc.Server, scheduler: Scheduler, health_servicer: health.HealthServicer, metrics: Metrics,
-        port: int, options: ServerOptions,
+        port: int, options: ServerOptions, http: HttpServer | None = None,
     ) -> None:
         self.grpc_server, self.scheduler, self.health, self.metrics = server, scheduler, health_servicer, metrics
         self.port, self.options = port, options
         self.address = f"{options.host}:{port}"
+        self.http = http  # the OpenAI-compatible front end on the same scheduler, when served
 
     def start(self) -> InferenceServer:
         self.scheduler.start()
         self.grpc_server.start()
+        if self.http is not None:
+            self.http.start()
         for name in ("", SERVICE):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         return self
@@ -366,8 +372,10 @@ class InferenceServer:
         grace = self.options.grace_period if grace is None else grace
         log.info("draining: grace period %.1fs", grace)
         self.health.enter_graceful_shutdown()
-        clean = self.scheduler.drain(grace)
+        clean = self.scheduler.drain(grace)  # HTTP: /ready and new requests 503 from here on
         self.grpc_server.stop(grace=2.0).wait(5.0)  # lets the handlers send their last responses
+        if self.http is not None:
+            self.http.stop()
         self.scheduler.close()
         log.info("drained (%s)", "clean" if clean else "in-flight requests cancelled after the grace period")
         return clean
@@ -375,6 +383,8 @@ class InferenceServer:
     def stop(self) -> None:
         self.health.enter_graceful_shutdown()
         self.grpc_server.stop(grace=None).wait(5.0)
+        if self.http is not None:
+            self.http.stop(grace=0.0)
         self.scheduler.close()
 
     def wait_for_termination(self, timeout: float | None = None) -> bool:
@@ -389,10 +399,13 @@ def build_server(
     *,
     metrics: Metrics | None = None,
     detokenizer=None,
+    http: HttpOptions | None = None,
 ) -> InferenceServer:
     """Scheduler + servicer + health + reflection (+ auth, TLS) bound to ``options.host:port``,
     not started. ``detokenizer``: a factory ``tokenizer -> .add(ids)/.flush()``; None uses
-    :class:`jaxinfer.tokenizer.IncrementalDetokenizer`."""
+    :class:`jaxinfer.tokenizer.IncrementalDetokenizer`. ``http``: also serve the OpenAI-compatible
+    API on the same scheduler (same limits, metrics, drain, TLS certificate; its API key defaults
+    to the gRPC bearer token)."""
     metrics = metrics or Metrics()
     limits = SchedulerLimits(
         max_queue_requests=options.max_queue_requests,
@@ -440,4 +453,11 @@ def build_server(
         port = server.add_insecure_port(address)
     if not port:
         raise OSError(f"could not bind {address}")
-    return InferenceServer(server, scheduler, health_servicer, metrics, port, options)
+    http_server = None
+    if http is not None:
+        http_server = HttpServer(
+            scheduler, tokenizer, model.name, dataclasses.replace(http, api_key=http.api_key or options.auth_token),
+            metrics=metrics, default_max_tokens=options.default_max_tokens, tls_cert=options.tls_cert,
+            tls_key=options.tls_key,
+        )
+    return InferenceServer(server, scheduler, health_servicer, metrics, port, options, http_server)
