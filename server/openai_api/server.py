@@ -37,15 +37,17 @@ class HttpOptions:
 
 class HttpServer:
     """Bound at construction, ``start()`` serves, ``stop()`` closes (waits for open responses up to
-    ``grace`` seconds). The scheduler's lifetime belongs to the caller."""
+    ``grace`` seconds; by then a drain has finished them). The scheduler's lifetime belongs to the
+    caller."""
 
     def __init__(
         self, scheduler: Scheduler, tokenizer: TokenizerLike, model_name: str, options: HttpOptions, *,
         metrics: Metrics, default_max_tokens: int = 256, tls_cert: bytes | None = None, tls_key: bytes | None = None,
+        grace: float = 5.0,
     ) -> None:
         if bool(tls_cert) != bool(tls_key):
             raise ValueError("TLS needs both a certificate and a key")
-        self.options = options
+        self.options, self._grace = options, grace
         app = build_app(scheduler, tokenizer, model_name, metrics=metrics, default_max_tokens=default_max_tokens,
                         api_key=options.api_key, max_body_bytes=options.max_body_bytes, max_n=options.max_n)
         family = socket.AF_INET6 if ":" in options.host else socket.AF_INET
@@ -69,7 +71,7 @@ class HttpServer:
                 with os.fdopen(fd, "wb") as f:
                     f.write(data)
             ssl = {"ssl_certfile": str(d / "cert.pem"), "ssl_keyfile": str(d / "key.pem")}
-        config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5,
+        config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=grace,
                                 lifespan="off", **ssl)
         self._server = uvicorn.Server(config)
         self._thread: threading.Thread | None = None
@@ -88,9 +90,12 @@ class HttpServer:
                 raise RuntimeError(f"HTTP server on {self.url} did not start")
         return self
 
-    def stop(self, grace: float = 5.0) -> None:
+    def stop(self, grace: float | None = None) -> None:
+        """Close; open responses get ``grace`` seconds (default: the constructor's), 0 drops them."""
+        grace = self._grace if grace is None else grace
         if self._thread is not None:
             self._server.should_exit = True
+            self._server.force_exit = grace <= 0  # open connections are dropped rather than waited for
             self._thread.join(grace + 5.0)
             self._thread = None
         self._sock.close()
