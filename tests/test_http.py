@@ -472,3 +472,24 @@ def test_tls_with_the_grpc_certificate(http_fakes, tmp_path):
             httpx.get(srv.http.url.replace("https", "http") + "/health", timeout=5)
     finally:
         srv.stop()
+
+
+# -- the serving benchmark over either protocol -----------------------------------------------------
+
+
+def test_bench_serve_over_openai_and_grpc_same_requests(served, tmp_path):
+    from jaxinfer.cli import main
+
+    docs = {}
+    for protocol, server in (("openai", served.url), ("grpc", f"127.0.0.1:{served.server.port}")):
+        out = tmp_path / f"{protocol}.json"
+        rc = main(["bench", "serve", "--protocol", protocol, "--server", server, "--concurrency", "1,4",
+                   "--num-requests", "8", "--input-len", "8", "--output-len", "8", "-o", str(out), "--no-progress"])
+        assert rc == 0
+        docs[protocol] = json.loads(out.read_text())
+    for a, b in zip(docs["openai"]["runs"], docs["grpc"]["runs"]):
+        assert (a["completed"], a["failed"], a["output_tokens"], a["input_tokens"]) == (8, 0, 64, 64)
+        assert (b["completed"], b["output_tokens"], b["input_tokens"]) == (8, 64, 64)
+        assert a["itl_ms"]["n"] == b["itl_ms"]["n"] == 8 * 7  # one streamed chunk per token, both ways
+    assert docs["openai"]["model"]["name"] == MODEL and docs["openai"]["protocol"] == "openai"
+    served.idle()

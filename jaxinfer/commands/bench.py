@@ -20,15 +20,19 @@ def register(sub) -> None:
     p = sub.add_parser("bench", help="benchmarks", description="Benchmarks.")
     kinds = p.add_subparsers(dest="bench_kind", metavar="KIND", required=True)
     s = kinds.add_parser(
-        "serve", help="benchmark a running server over gRPC",
+        "serve", help="benchmark a running server over gRPC or the OpenAI HTTP API",
         description="Drive a running jaxinfer server with a fixed concurrency or a Poisson request rate and report "
         "request throughput, input/output tokens/s, TTFT, time per output token, inter-token latency and "
         "end-to-end latency (mean, p50/p90/p95/p99), and goodput under SLOs.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     c = s.add_argument_group("server")
-    c.add_argument("--server", default="127.0.0.1:50051", help="HOST:PORT")
-    c.add_argument("--auth-token-file", help="file holding the bearer token")
+    c.add_argument("--protocol", choices=("grpc", "openai"), default="grpc",
+                   help="grpc: jaxinfer's Generate; openai: streamed /v1/completions of any OpenAI-compatible server")
+    c.add_argument("--server", default=None,
+                   help="HOST:PORT for grpc (default 127.0.0.1:50051); base URL for openai (default http://127.0.0.1:8000)")
+    c.add_argument("--model", help="openai: the model to ask for (default: the first of /v1/models)")
+    c.add_argument("--auth-token-file", help="file holding the bearer token (the API key for openai)")
     c.add_argument("--tls-ca", help="PEM root certificate(s): connect over TLS")
     c.add_argument("--tls", action="store_true", help="connect over TLS with the system roots")
     c.add_argument("--timeout", type=float, default=600.0, help="deadline of each request, seconds")
@@ -89,10 +93,20 @@ def run_serve(args: argparse.Namespace) -> int:
         from server.auth import read_token_file
 
         token = read_token_file(args.auth_token_file)
-    client = Client(args.server, auth_token=token, tls_ca=Path(args.tls_ca).read_bytes() if args.tls_ca else None,
-                    tls=args.tls, timeout=args.timeout)
+    tls_ca = Path(args.tls_ca).read_bytes() if args.tls_ca else None
+    if args.protocol == "openai":
+        from jaxinfer.evaluation.openai_client import OpenAIClient
+
+        args.server = args.server or ("https" if args.tls or tls_ca else "http") + "://127.0.0.1:8000"
+        client = OpenAIClient(args.server, api_key=token, tls_ca=tls_ca, timeout=args.timeout, model=args.model)
+    else:
+        args.server = args.server or "127.0.0.1:50051"
+        client = Client(args.server, auth_token=token, tls_ca=tls_ca, tls=args.tls, timeout=args.timeout)
     try:
         info = client.model_info()
+        if not args.dataset and not info.vocab_size:
+            raise ValueError(f"{args.server} does not report its vocabulary size (no /tokenizer_info): "
+                             "give prompts with --dataset")
         if args.dataset:
             requests = dataset_requests(args.dataset, args.num_requests, args.output_len, args.seed)
         else:
@@ -117,6 +131,7 @@ def run_serve(args: argparse.Namespace) -> int:
         client.close()
     doc = {
         "server": args.server,
+        "protocol": args.protocol,
         "model": {"name": info.model, "dtype": info.dtype, "mesh": info.mesh, "slots": info.slots,
                   "max_len": info.max_len, "version": info.version},
         "settings": {
