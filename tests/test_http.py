@@ -493,3 +493,44 @@ def test_bench_serve_over_openai_and_grpc_same_requests(served, tmp_path):
         assert a["itl_ms"]["n"] == b["itl_ms"]["n"] == 8 * 7  # one streamed chunk per token, both ways
     assert docs["openai"]["model"]["name"] == MODEL and docs["openai"]["protocol"] == "openai"
     served.idle()
+
+
+# -- drain and the serve command --------------------------------------------------------------------
+
+
+def test_drain_finishes_http_streams_then_closes_the_port(http_fakes):
+    engine = http_fakes.Engine(step_delay=0.01)
+    s = Served(http_fakes, engine=engine)
+    try:
+        stream = s.client.completions.create(model=MODEL, prompt="A", max_tokens=40, temperature=0, stream=True,
+                                             extra_body={"ignore_eos": True})
+        first = next(iter(stream))
+        done = threading.Thread(target=s.server.drain, args=(10.0,))
+        done.start()
+        wait_for(lambda: not s.server.scheduler.load().accepting)
+        error_of(httpx.get(s.url + "/ready"), 503)
+        rest = list(stream)
+        text = first.choices[0].text + "".join(c.choices[0].text for c in rest)
+        assert len(text) == 40 and rest[-1].choices[0].finish_reason == "length"
+        done.join(15)
+        assert not done.is_alive()
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(s.url + "/health", timeout=2)
+    finally:
+        s.client.close()
+
+
+def test_serve_help_lists_the_http_flags():
+    import argparse
+
+    from jaxinfer.commands import bench, serve
+
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers(dest="command")
+    serve.register(sub)
+    bench.register(sub)
+    args = parser.parse_args(["serve"])
+    assert (args.http_port, args.no_http, args.api_key_file) == (8000, False, None)
+    assert parser.parse_args(["serve", "--no-http", "--http-port", "0"]).no_http
+    args = parser.parse_args(["bench", "serve", "--protocol", "openai"])
+    assert args.protocol == "openai" and args.server is None
