@@ -195,6 +195,8 @@ def build_app(
                 watcher.cancel()
                 raise
         except Exception as e:
+            if isinstance(e, (InvalidRequestError, Unsupported)):
+                metrics.request_rejected("invalid")  # (the scheduler counts what it refuses itself)
             raise _api_error(e) from None
         if isinstance(result, dict):
             watcher.cancel()

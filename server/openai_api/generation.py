@@ -34,7 +34,7 @@ class ApiError(Exception):
     """An error response: HTTP status, message, the API's error type, the offending field."""
 
     TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-             413: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable", 504: "timeout"}
+             405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable", 504: "timeout"}
 
     def __init__(self, status: int, message: str, param: str | None = None) -> None:
         super().__init__(message)
