@@ -95,7 +95,11 @@ def run_serve(args: argparse.Namespace) -> int:
         token = read_token_file(args.auth_token_file)
     tls_ca = Path(args.tls_ca).read_bytes() if args.tls_ca else None
     if args.protocol == "openai":
+        import logging
+
         from jaxinfer.evaluation.openai_client import OpenAIClient
+
+        logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per request
 
         args.server = args.server or ("https" if args.tls or tls_ca else "http") + "://127.0.0.1:8000"
         client = OpenAIClient(args.server, api_key=token, tls_ca=tls_ca, timeout=args.timeout, model=args.model)
