@@ -148,7 +148,7 @@ def build_app(
     created = int(time.time())
     expected = f"Bearer {api_key}".encode() if api_key else None
 
-    def authorized(request: Request) -> None:
+    async def authorized(request: Request) -> None:  # async: FastAPI runs a plain def on its thread pool
         if expected is None:
             return
         got = request.headers.get("authorization", "")
