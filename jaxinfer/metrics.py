@@ -2,7 +2,8 @@
 
 The scheduler reports request life cycles (started, first token, finished by
 reason), queue depth, slot and KV-cache use; the gRPC servicer reports every
-call's status code. :meth:`Metrics.serve_http` exposes them on ``/metrics``.
+call's status code, the HTTP front end every response's route and status.
+:meth:`Metrics.serve_http` exposes them on ``/metrics``.
 """
 
 from __future__ import annotations
@@ -59,6 +60,10 @@ class Metrics:
             "jaxinfer_grpc_requests", "gRPC calls handled, by method and status code.", ["method", "code"],
             registry=r,
         )
+        self.http_requests = Counter(
+            "jaxinfer_http_requests", "HTTP requests handled, by route and status code.", ["route", "code"],
+            registry=r,
+        )
         for reason in FINISH_REASONS:
             self.requests_finished.labels(reason)
         self._http: tuple | None = None
@@ -99,6 +104,9 @@ class Metrics:
 
     def grpc_call(self, method: str, code: str) -> None:
         self.grpc_requests.labels(method, code).inc()
+
+    def http_call(self, route: str, code: str) -> None:
+        self.http_requests.labels(route, code).inc()
 
     # -- reading -----------------------------------------------------------------------------------
 

@@ -15,11 +15,13 @@ UNAUTHENTICATED        missing or wrong bearer token (when the server has one)
 =====================  ===================================================================
 
 Also served: the standard ``grpc.health.v1.Health`` (NOT_SERVING once draining) and server
-reflection. :func:`build_server` wires it all; the lead's ``serve`` command and the tests call it.
+reflection, and (``http=``) the OpenAI-compatible HTTP API of :mod:`server.openai_api` on the same
+scheduler. :func:`build_server` wires it all; the ``serve`` command and the tests call it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import threading
@@ -32,7 +34,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from jaxinfer.engine.types import MAX_TOP_LOGPROBS, EngineProtocol, SamplingParams
+from jaxinfer.engine.types import MAX_TOP_LOGPROBS, EngineProtocol
 from jaxinfer.metrics import Metrics
 from jaxinfer.scheduler import (
     InvalidRequestError,
@@ -49,6 +51,8 @@ from jaxinfer.version import __version__
 from server import jaxinfer_pb2 as pb
 from server import jaxinfer_pb2_grpc as pb_grpc
 from server.auth import BearerTokenInterceptor
+from server.openai_api.server import HttpOptions, HttpServer
+from server.requests import RequestBuilder, sampling_params
 
 log = logging.getLogger(__name__)
 
@@ -176,6 +180,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         metrics: Metrics,
     ) -> None:
         self._sched, self._tok, self._model, self._opts, self._metrics = scheduler, tokenizer, model, options, metrics
+        self._req = RequestBuilder(scheduler, tokenizer, options.default_max_tokens)
 
     # -- Generate --------------------------------------------------------------------------------------
 
@@ -248,61 +253,38 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         if len(given) > 1:
             raise InvalidRequestError(given[1], f"give exactly one of prompt, prompt_token_ids, messages (got {given})")
         if r.prompt:
-            ids = self._encode("prompt", r.prompt)
+            ids = self._req.encode("prompt", r.prompt)
         elif r.messages:
-            ids = self._encode("messages", self._render_chat(r.messages), chat=True)
+            ids = self._req.encode("messages", self._render_chat(r.messages), chat=True)
         else:
             ids = list(r.prompt_token_ids)
-        max_len = self._sched.max_len
-        if r.HasField("max_tokens"):
-            max_tokens = r.max_tokens
-        else:
-            room = max_len - len(ids)
-            max_tokens = min(self._opts.default_max_tokens, room) if room >= 1 else self._opts.default_max_tokens
-        truncated = 0
-        if r.truncate_prompt and len(ids) + max_tokens > max_len and 1 <= max_tokens < max_len:
-            keep = max_len - max_tokens
-            truncated, ids = len(ids) - keep, ids[-keep:]
-        sampling = SamplingParams(
-            temperature=r.temperature if r.HasField("temperature") else 0.0,
-            top_k=r.top_k if r.HasField("top_k") else 0,
-            top_p=r.top_p if r.HasField("top_p") else 1.0,
-            min_p=r.min_p if r.HasField("min_p") else 0.0,
-            repetition_penalty=r.repetition_penalty if r.HasField("repetition_penalty") else 1.0,
-            presence_penalty=r.presence_penalty,
-            frequency_penalty=r.frequency_penalty,
-            seed=r.seed if r.HasField("seed") else None,
-            logprobs=r.logprobs if r.HasField("logprobs") else 0,
-        )
-        req = Request(
-            prompt_ids=tuple(ids),
-            max_tokens=max_tokens,
-            sampling=sampling,
+        built = self._req.build(
+            ids,
             request_id=rid,
+            max_tokens=r.max_tokens if r.HasField("max_tokens") else None,
+            sampling=sampling_params(
+                temperature=r.temperature if r.HasField("temperature") else None,
+                top_k=r.top_k if r.HasField("top_k") else None,
+                top_p=r.top_p if r.HasField("top_p") else None,
+                min_p=r.min_p if r.HasField("min_p") else None,
+                repetition_penalty=r.repetition_penalty if r.HasField("repetition_penalty") else None,
+                presence_penalty=r.presence_penalty,
+                frequency_penalty=r.frequency_penalty,
+                seed=r.seed if r.HasField("seed") else None,
+                logprobs=r.logprobs if r.HasField("logprobs") else None,
+            ),
             min_tokens=r.min_tokens,
-            stop=tuple(r.stop),
-            stop_token_ids=tuple(r.stop_token_ids),
+            stop=r.stop,
+            stop_token_ids=r.stop_token_ids,
             ignore_eos=r.ignore_eos,
             return_logprobs=r.HasField("logprobs"),
+            truncate=r.truncate_prompt,
             deadline=_deadline(context),
         )
-        return req, ids, truncated
+        return built.request, built.prompt_ids, built.truncated
 
     def _render_chat(self, messages) -> str:
-        try:
-            return self._tok.apply_chat_template([{"role": m.role, "content": m.content} for m in messages])
-        except ValueError as e:
-            raise InvalidRequestError("messages", f"messages: {e}") from None
-
-    def _encode(self, field_name: str, text: str, chat: bool = False, add_bos: bool | None = None) -> list[int]:
-        if chat:  # a template that writes the BOS text itself must not get a second BOS
-            bos = getattr(self._tok, "bos_token", None)
-            if isinstance(bos, str) and bos and text.startswith(bos):
-                add_bos = False
-        try:
-            return list(self._tok.encode(text, add_bos=add_bos))
-        except ValueError as e:
-            raise InvalidRequestError(field_name, f"{field_name}: {e}") from None
+        return self._req.render_chat([{"role": m.role, "content": m.content} for m in messages])
 
     # -- unary calls -----------------------------------------------------------------------------------
 
@@ -337,8 +319,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         add_bos = request.add_bos if request.HasField("add_bos") else None
         if request.messages:
             text = self._render_chat(request.messages)
-            return pb.TokenizeResponse(token_ids=self._encode("messages", text, chat=True, add_bos=add_bos), text=text)
-        return pb.TokenizeResponse(token_ids=self._encode("text", request.text, add_bos=add_bos), text=request.text)
+            return pb.TokenizeResponse(token_ids=self._req.encode("messages", text, chat=True, add_bos=add_bos), text=text)
+        return pb.TokenizeResponse(token_ids=self._req.encode("text", request.text, add_bos=add_bos), text=request.text)
 
     @_unary
     def Detokenize(self, request: pb.DetokenizeRequest, context: grpc.ServicerContext) -> pb.DetokenizeResponse:
@@ -371,15 +353,18 @@ class InferenceServer:
 
     def __init__(
         self, server: grpc.Server, scheduler: Scheduler, health_servicer: health.HealthServicer, metrics: Metrics,
-        port: int, options: ServerOptions,
+        port: int, options: ServerOptions, http: HttpServer | None = None,
     ) -> None:
         self.grpc_server, self.scheduler, self.health, self.metrics = server, scheduler, health_servicer, metrics
         self.port, self.options = port, options
         self.address = f"{options.host}:{port}"
+        self.http = http  # the OpenAI-compatible front end on the same scheduler, when served
 
     def start(self) -> InferenceServer:
         self.scheduler.start()
         self.grpc_server.start()
+        if self.http is not None:
+            self.http.start()
         for name in ("", SERVICE):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         return self
@@ -390,8 +375,10 @@ class InferenceServer:
         grace = self.options.grace_period if grace is None else grace
         log.info("draining: grace period %.1fs", grace)
         self.health.enter_graceful_shutdown()
-        clean = self.scheduler.drain(grace)
+        clean = self.scheduler.drain(grace)  # HTTP: /ready and new requests 503 from here on
         self.grpc_server.stop(grace=2.0).wait(5.0)  # lets the handlers send their last responses
+        if self.http is not None:
+            self.http.stop()
         self.scheduler.close()
         log.info("drained (%s)", "clean" if clean else "in-flight requests cancelled after the grace period")
         return clean
@@ -399,6 +386,8 @@ class InferenceServer:
     def stop(self) -> None:
         self.health.enter_graceful_shutdown()
         self.grpc_server.stop(grace=None).wait(5.0)
+        if self.http is not None:
+            self.http.stop(grace=0.0)
         self.scheduler.close()
 
     def wait_for_termination(self, timeout: float | None = None) -> bool:
@@ -413,10 +402,13 @@ def build_server(
     *,
     metrics: Metrics | None = None,
     detokenizer=None,
+    http: HttpOptions | None = None,
 ) -> InferenceServer:
     """Scheduler + servicer + health + reflection (+ auth, TLS) bound to ``options.host:port``,
     not started. ``detokenizer``: a factory ``tokenizer -> .add(ids)/.flush()``; None uses
-    :class:`jaxinfer.tokenizer.IncrementalDetokenizer`."""
+    :class:`jaxinfer.tokenizer.IncrementalDetokenizer`. ``http``: also serve the OpenAI-compatible
+    API on the same scheduler (same limits, metrics, drain, TLS certificate; its API key defaults
+    to the gRPC bearer token)."""
     metrics = metrics or Metrics()
     limits = SchedulerLimits(
         max_queue_requests=options.max_queue_requests,
@@ -464,4 +456,11 @@ def build_server(
         port = server.add_insecure_port(address)
     if not port:
         raise OSError(f"could not bind {address}")
-    return InferenceServer(server, scheduler, health_servicer, metrics, port, options)
+    http_server = None
+    if http is not None:
+        http_server = HttpServer(
+            scheduler, tokenizer, model.name, dataclasses.replace(http, api_key=http.api_key or options.auth_token),
+            metrics=metrics, default_max_tokens=options.default_max_tokens, tls_cert=options.tls_cert,
+            tls_key=options.tls_key,
+        )
+    return InferenceServer(server, scheduler, health_servicer, metrics, port, options, http_server)

@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from jaxinfer.checkpoint import resolve_model, save_checkpoint
 from jaxinfer.engine.engine import Engine
 from jaxinfer.loading import build_engine
+from tests.helpers.http_fakes import HttpFakeDetokenizer, HttpFakeEngine, HttpFakeTokenizer
 from tests.helpers.tiny import BPE_ENGINE, BPE_TINY, bpe_tokenizer, bpe_weights
 
 
@@ -80,3 +82,9 @@ def tiny_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def tiny_engine(tiny_ckpt: Path) -> Engine:
     return build_engine(tiny_ckpt, BPE_ENGINE)
+
+
+@pytest.fixture
+def http_fakes():
+    """The fake tokenizer / detokenizer / engine classes for HTTP tests."""
+    return SimpleNamespace(Tokenizer=HttpFakeTokenizer, Detokenizer=HttpFakeDetokenizer, Engine=HttpFakeEngine)

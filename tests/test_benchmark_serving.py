@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from functools import partial
 
 import numpy as np
 import pytest
@@ -18,6 +19,7 @@ from jaxinfer.evaluation.serving import (
     dataset_requests,
     latency_stats,
     run_load,
+    send,
     synthetic_requests,
 )
 from tests.helpers.fakes import EOS, FakeEngine
@@ -73,7 +75,7 @@ def test_fixed_concurrency_counts_every_token(served):
     client = InferenceClient(f"127.0.0.1:{served.server.port}")
     try:
         reqs = synthetic_requests(12, 10, 6, vocab_size=97, range_ratio=0.5, exclude_ids=[EOS], seed=0)
-        run = run_load(client, reqs, concurrency=4, label="c=4")
+        run = run_load(partial(send, client), reqs, concurrency=4, label="c=4")
     finally:
         client.close()
     m = run.metrics(SLO(ttft_ms=60_000))
@@ -97,7 +99,7 @@ def test_rate_mode_and_failures_are_reported(served):
     try:
         reqs = synthetic_requests(10, 6, 4, vocab_size=97, exclude_ids=[EOS], seed=1)
         reqs.append(synthetic_requests(1, 200, 4, vocab_size=97, exclude_ids=[EOS])[0])  # > max_len 128: refused
-        run = run_load(client, reqs, rate=200.0, burstiness=1.0, concurrency=2, seed=2, label="rate=200")
+        run = run_load(partial(send, client), reqs, rate=200.0, burstiness=1.0, concurrency=2, seed=2, label="rate=200")
     finally:
         client.close()
     m = run.metrics()

@@ -194,6 +194,7 @@ class Group:
         workdir.mkdir(parents=True, exist_ok=True)
         self.logs = [workdir / f"process{i}.log" for i in range(2)]
         base = [sys.executable, "-m", "jaxinfer", "serve", "--model", str(model), "--mesh", mesh, "--port", "0",
+                "--http-port", "0",
                 "--slots", "2", "--max-len", str(max_len), "--grace-period", "5", "--heartbeat-timeout", str(heartbeat)]
         flags = ["--coordinator", coordinator, "--num-processes", "2", "--process-id", "0"]
         envs = [child_env(JAXINFER_XLA_CACHE=str(cache)),

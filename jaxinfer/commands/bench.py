@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
-from jaxinfer.client import DEFAULT_ADDRESS, InferenceClient
+from jaxinfer.client import DEFAULT_ADDRESS, InferenceClient, read_token_file
 from jaxinfer.commands.common import HelpFormatter, add_command
+from jaxinfer.evaluation.openai_client import OpenAIClient
 from jaxinfer.evaluation.serving import (
     SLO,
     dataset_requests,
@@ -33,7 +36,7 @@ def register(sub) -> None:
                     example="jaxinfer bench serve --concurrency 1,4,16 --num-requests 64 -o bench.json")
     kinds = p.add_subparsers(dest="bench_kind", metavar="KIND", required=True)
     s = kinds.add_parser(
-        "serve", help="benchmark a running server over gRPC",
+        "serve", help="benchmark a running server over gRPC or the OpenAI HTTP API",
         description="Drive a running jaxinfer server with a fixed concurrency or a Poisson request rate and report "
         "request throughput, input/output tokens/s, TTFT, time per output token, inter-token latency and "
         "end-to-end latency (mean, p50/p90/p95/p99), and goodput under SLOs.",
@@ -41,8 +44,12 @@ def register(sub) -> None:
         epilog="example:\n  jaxinfer bench serve --server 127.0.0.1:50051 --request-rate 2,4,8 --plot sweep.png\n",
     )
     c = s.add_argument_group("server")
-    c.add_argument("--server", default=DEFAULT_ADDRESS, help="HOST:PORT")
-    c.add_argument("--auth-token-file", help="file holding the bearer token")
+    c.add_argument("--protocol", choices=("grpc", "openai"), default="grpc",
+                   help="grpc: jaxinfer's Generate; openai: streamed /v1/completions of any OpenAI-compatible server")
+    c.add_argument("--server", default=None,
+                   help=f"HOST:PORT for grpc (default {DEFAULT_ADDRESS}); base URL for openai (default http://127.0.0.1:8000)")
+    c.add_argument("--model", help="openai: the model to ask for (default: the first of /v1/models)")
+    c.add_argument("--auth-token-file", help="file holding the bearer token (the API key for openai)")
     c.add_argument("--tls-ca", help="PEM root certificate(s): connect over TLS")
     c.add_argument("--tls", action="store_true", help="connect over TLS with the system roots")
     c.add_argument("--timeout", type=float, default=600.0, help="deadline of each request, seconds")
@@ -88,10 +95,23 @@ def run_serve(args: argparse.Namespace) -> int:
         raise ValueError("sweep --concurrency or --request-rate, not both (cap a rate sweep with --max-concurrency)")
     if not concurrencies and not rates:
         concurrencies = [1]
-    client = InferenceClient.connect(args.server, auth_token_file=args.auth_token_file, tls_ca_file=args.tls_ca,
-                                     tls=args.tls, timeout=args.timeout)
+    if args.protocol == "openai":
+        args.server = args.server or ("https" if args.tls or args.tls_ca else "http") + "://127.0.0.1:8000"
+        client = OpenAIClient(args.server, api_key=read_token_file(args.auth_token_file) if args.auth_token_file else None,
+                              tls_ca=Path(args.tls_ca).read_bytes() if args.tls_ca else None, timeout=args.timeout,
+                              model=args.model)
+        send_one = client.send
+        logging.getLogger("httpx").setLevel(logging.WARNING)  # not a log line per request
+    else:
+        args.server = args.server or DEFAULT_ADDRESS
+        client = InferenceClient.connect(args.server, auth_token_file=args.auth_token_file, tls_ca_file=args.tls_ca,
+                                         tls=args.tls, timeout=args.timeout)
+        send_one = partial(send, client)
     try:
         info = client.model_info()
+        if not args.dataset and not info.vocab_size:
+            raise ValueError(f"{args.server} does not report its vocabulary size (no /tokenizer_info): "
+                             "give prompts with --dataset")
         if args.dataset:
             requests = dataset_requests(args.dataset, args.num_requests, args.output_len, args.seed)
         else:
@@ -99,7 +119,7 @@ def run_serve(args: argparse.Namespace) -> int:
                                           vocab_size=info.vocab_size, range_ratio=args.range_ratio,
                                           exclude_ids=list(info.eos_token_ids), seed=args.seed)
         for w in requests[: args.warmup]:
-            rec = send(client, w)
+            rec = send_one(w)
             if not rec.ok:
                 raise ValueError(f"warm-up request failed: {rec.error}")
         slo = SLO(args.slo_ttft_ms, args.slo_tpot_ms, args.slo_e2e_ms)
@@ -108,7 +128,7 @@ def run_serve(args: argparse.Namespace) -> int:
             (args.max_concurrency, r, f"rate={r:g}") for r in rates
         ]
         for conc, rate, label in levels:
-            run = run_load(client, requests, concurrency=conc, rate=rate, burstiness=args.burstiness, seed=args.seed,
+            run = run_load(send_one, requests, concurrency=conc, rate=rate, burstiness=args.burstiness, seed=args.seed,
                            label=label, progress=not args.no_progress)
             runs.append(run)
             metrics.append(run.metrics(slo))
@@ -116,6 +136,7 @@ def run_serve(args: argparse.Namespace) -> int:
         client.close()
     doc = {
         "server": args.server,
+        "protocol": args.protocol,
         "model": {"name": info.model, "dtype": info.dtype, "mesh": info.mesh, "slots": info.slots,
                   "max_len": info.max_len, "version": info.version},
         "settings": {

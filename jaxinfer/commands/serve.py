@@ -1,4 +1,5 @@
-"""``jaxinfer serve``: load a model, compile every program ahead of time, serve gRPC until SIGTERM.
+"""``jaxinfer serve``: load a model, compile every program ahead of time, serve gRPC (and the
+OpenAI-compatible HTTP API beside it, on the same scheduler) until SIGTERM.
 
 On SIGTERM / SIGINT: health turns NOT_SERVING, new requests get UNAVAILABLE, requests in
 flight finish within ``--grace-period`` (the rest are cancelled), then the process exits 0.
@@ -18,18 +19,21 @@ from jaxinfer.client import read_token_file
 from jaxinfer.commands.common import add_command, add_model_args, engine_from_args
 from jaxinfer.metrics import Metrics
 from server.app import ModelDescription, ServerOptions, build_server
+from server.openai_api.server import HttpOptions
 
 log = logging.getLogger("jaxinfer.serve")
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = add_command(
         sub, "serve",
-        help="serve a model over gRPC (continuous batching, streaming)",
+        help="serve a model over gRPC and an OpenAI-compatible HTTP API (continuous batching, streaming)",
         description="Serve a model over gRPC: jaxinfer.v1.Inference (Generate, Score, Tokenize, Detokenize, "
-        "GetModelInfo) plus grpc.health.v1.Health and server reflection. Every prefill/decode program is "
+        "GetModelInfo) plus grpc.health.v1.Health and server reflection, and the OpenAI-compatible HTTP API "
+        "(/v1/completions, /v1/chat/completions, /v1/models, /tokenize, /detokenize, /health, /ready, /metrics) "
+        "on --http-port. Every prefill/decode program is "
         "compiled before the port opens. SIGTERM drains: NOT_SERVING, new requests refused, in-flight ones "
         "finish within --grace-period, exit 0.",
-        example="jaxinfer serve --model smollm2-135m-instruct --slots 16 --port 50051",
+        example="jaxinfer serve --model smollm2-135m-instruct --slots 16 --port 50051 --http-port 8000",
     )
     add_model_args(p)
     n = p.add_argument_group("network")
@@ -39,6 +43,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     n.add_argument("--tls-cert", help="PEM certificate chain (with --tls-key): serve over TLS")
     n.add_argument("--tls-key", help="PEM private key (with --tls-cert)")
     n.add_argument("--max-message-bytes", type=int, default=4 << 20, help="largest request or response message")
+    n.add_argument("--http-port", type=int, default=8000,
+                   help="OpenAI-compatible HTTP API port (same scheduler, limits, auth, metrics; 0: any free port)")
+    n.add_argument("--no-http", action="store_true", help="serve gRPC only")
+    n.add_argument("--api-key-file", help="file holding the HTTP API key (default: the --auth-token-file token)")
     n.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this HTTP port (/metrics); off if unset")
     n.add_argument("--metrics-host", default="0.0.0.0", help="address of the metrics exporter")
     q = p.add_argument_group("admission")
@@ -66,6 +74,10 @@ def run(args: argparse.Namespace) -> int:
         tls_cert=Path(args.tls_cert).read_bytes() if args.tls_cert else None,
         tls_key=Path(args.tls_key).read_bytes() if args.tls_key else None,
         grace_period=args.grace_period,
+    )
+    http = None if args.no_http else HttpOptions(
+        host=args.host, port=args.http_port, max_body_bytes=args.max_message_bytes,
+        api_key=read_token_file(args.api_key_file) if args.api_key_file else None,
     )
 
     cluster = distributed.from_args(args)  # None: one process; else jax.distributed is up
@@ -99,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
     served = engine if cluster is None else distributed.LockstepEngine(engine)
     metrics = Metrics()
     try:
-        server = build_server(served, engine.tokenizer, model, options, metrics=metrics)
+        server = build_server(served, engine.tokenizer, model, options, metrics=metrics, http=http)
         if args.metrics_port is not None:
             log.info("metrics on http://%s:%d/metrics", args.metrics_host, metrics.serve_http(args.metrics_port, args.metrics_host))
         return serve_until_signal(server)
@@ -124,6 +136,8 @@ def serve_until_signal(server, grace: float | None = None, signals=(signal.SIGTE
     try:
         server.start()
         log.info("SERVING on %s", server.address)
+        if getattr(server, "http", None) is not None:
+            log.info("SERVING the OpenAI-compatible API on %s/v1", server.http.url)
         while not stop.wait(0.5):
             pass
         log.info("received %s: draining", signal.Signals(received[0]).name)

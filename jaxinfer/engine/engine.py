@@ -560,10 +560,10 @@ class Engine:
                 m, greedy = max_argmax(logits)
                 lse = logsumexp_from_max(logits, m)
                 tl = jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0]
-                return tl - lse, greedy == t
+                return tl - lse, greedy, m - lse  # the target's, the argmax and the argmax's log-prob
 
-            lp, greedy = jax.lax.map(chunk, (hc, tc))
-            return lp.swapaxes(0, 1).reshape(P, T), greedy.swapaxes(0, 1).reshape(P, T)
+            out = jax.lax.map(chunk, (hc, tc))
+            return tuple(x.swapaxes(0, 1).reshape(P, T) for x in out)
 
         self._score_fn = jax.jit(score)
 
@@ -803,21 +803,23 @@ class Engine:
                     seq = seqs[i]
                     tokens[r, : len(seq) - 1] = seq[:-1]
                     targets[r, : len(seq) - 1] = seq[1:]
-                lp, greedy = self._score_fn(self.params, tokens, targets)  # rows are causal: padding after is harmless
-                lp, greedy = np.asarray(lp), np.asarray(greedy)
+                lp, top, top_lp = self._score_fn(self.params, tokens, targets)  # rows are causal: padding after is harmless
+                lp, top, top_lp = np.asarray(lp), np.asarray(top), np.asarray(top_lp)
                 for r, i in enumerate(group):
-                    rows_lp[i] = (lp[r], greedy[r])
+                    rows_lp[i] = (lp[r], top[r], top_lp[r])
         results: list[ScoreOutput] = []
         for i, (context, continuation) in enumerate(pairs):
-            lp, greedy = rows_lp[i]
+            lp, top, top_lp = rows_lp[i]
             sl = slice(len(context) - 1, len(seqs[i]) - 1)
             results.append(
                 ScoreOutput(
                     logprob=float(np.sum(lp[sl], dtype=np.float64)),
                     token_logprobs=tuple(float(x) for x in lp[sl]),
-                    is_greedy=bool(greedy[sl].all()),
+                    is_greedy=bool((top[sl] == np.asarray(continuation)).all()),
                     context_ids=tuple(context),
                     continuation_ids=tuple(continuation),
+                    top_ids=tuple(int(x) for x in top[sl]),
+                    top_logprobs=tuple(float(x) for x in top_lp[sl]),
                 )
             )
         return results

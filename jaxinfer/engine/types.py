@@ -62,13 +62,17 @@ class SlotToken:
 
 @dataclass(frozen=True)
 class ScoreOutput:
-    """log p(continuation | context), per token and summed."""
+    """log p(continuation | context), per token and summed; ``top_ids`` / ``top_logprobs``: the
+    most likely token and its log-probability at each continuation position (empty when the
+    engine does not report them)."""
 
     logprob: float
     token_logprobs: tuple[float, ...]
     is_greedy: bool
     context_ids: tuple[int, ...] = ()
     continuation_ids: tuple[int, ...] = ()
+    top_ids: tuple[int, ...] = ()
+    top_logprobs: tuple[float, ...] = ()
 
 
 class StepHandle(Protocol):

@@ -23,7 +23,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import grpc
 import numpy as np
@@ -213,10 +213,12 @@ def latency_stats(seconds: Sequence[float]) -> dict[str, float]:
     return {"mean": float(a.mean()), **{f"p{p}": float(np.percentile(a, p)) for p in PERCENTILES}, "n": int(a.size)}
 
 
-def run_load(client: InferenceClient, requests: Sequence[BenchRequest], *, concurrency: int | None = None,
-             rate: float = math.inf, burstiness: float = 1.0, seed: int = 0, label: str = "",
-             progress: bool = False) -> RunResult:
-    """Send ``requests`` at ``rate`` (inf: all at once) with at most ``concurrency`` in flight."""
+def run_load(send_one: Callable[[BenchRequest], RequestRecord], requests: Sequence[BenchRequest], *,
+             concurrency: int | None = None, rate: float = math.inf, burstiness: float = 1.0, seed: int = 0,
+             label: str = "", progress: bool = False) -> RunResult:
+    """Send ``requests`` at ``rate`` (inf: all at once) with at most ``concurrency`` in flight.
+    ``send_one`` streams one request over whichever protocol: ``functools.partial(send, client)`` for
+    gRPC, ``OpenAIClient.send`` for an OpenAI-compatible server."""
     if concurrency is None and math.isinf(rate):
         raise ValueError("give a concurrency or a finite request rate")
     if concurrency is not None and concurrency < 1:
@@ -231,7 +233,7 @@ def run_load(client: InferenceClient, requests: Sequence[BenchRequest], *, concu
 
     def one(i: int) -> None:
         try:
-            records[i] = send(client, requests[i])
+            records[i] = send_one(requests[i])
         finally:
             gate.release()
             if bar is not None:
