@@ -1,9 +1,13 @@
 """Scheduler against a hand-computable fake engine.
 
-The fake engine's next token is ``(last token + 1) % V`` with a fixed logprob, so every
-stream's expected output is known in advance; it checks the engine contract (chunks in
-order, no decode of a released or unprefilled slot, nothing written past max_len, every
-call from one thread). The fake tokenizer maps ids 0..94 to the printable ASCII characters.
+The fake engine keeps a paged pool: it writes every token through the page table it is given
+and computes its next token, ``(last token + 1) % V``, and its logprob, a checksum of the whole
+sequence, from what it reads back through that table. So every stream's expected output is
+known in advance and a wrong page table (a bad prefix-cache hit, a page freed too early)
+changes it; it checks the engine contract (chunks in order, positions before ``start`` written,
+no decode of a released or unprefilled row, no write into a page another row holds, nothing
+past max_len, every call from one thread). The fake tokenizer maps ids 0..94 to the printable
+ASCII characters.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import random
 import threading
 import time
+from dataclasses import dataclass
 from typing import Sequence
 
 import pytest
@@ -86,10 +91,24 @@ def next_token(t: int) -> int:
     return (t + 1) % V
 
 
-def slot_token(t: int, n_top: int) -> SlotToken:
-    return SlotToken(
-        t, LOGPROB, tuple((t + i) % V for i in range(n_top)), tuple(LOGPROB - i for i in range(n_top))
-    )
+def logprob_of(seq: Sequence[int]) -> float:
+    """The fake's logprob of the token after ``seq``: a checksum of everything the engine read
+    through the page table, so a wrong page table shows in the logprobs even when the token
+    (which depends only on the last position) comes out right."""
+    return -(sum((i + 1) * t for i, t in enumerate(seq)) % 997) / 64
+
+
+def slot_token(t: int, n_top: int, lp: float = LOGPROB) -> SlotToken:
+    return SlotToken(t, lp, tuple((t + i) % V for i in range(n_top)), tuple(lp - i for i in range(n_top)))
+
+
+@dataclass(frozen=True)
+class FakeScore:
+    """What the scheduler reads of an engine's ScoreOutput for one piece."""
+
+    token_logprobs: tuple[float, ...]
+    top_ids: tuple[int, ...]
+    top_logprobs: tuple[float, ...]
 
 
 class FakeHandle:
@@ -108,25 +127,37 @@ class FakeHandle:
 
 
 class FakeEngine:
-    """EngineProtocol with hand-computable output. Decode work happens at dispatch (device order);
-    ``step_delay`` is how long a step's result takes to become ready."""
+    """EngineProtocol over a fake paged pool: every token written goes into ``pool[page][offset]``
+    through the page table it is given, and every output is computed from what it reads back
+    through the page table (next token = last token + 1, logprob = a checksum of the whole
+    sequence), so a wrong page table gives wrong tokens or logprobs. Decode work happens at
+    dispatch (device order); ``step_delay`` is how long a step's result takes to become ready.
+    It checks the contract: chunks in order, positions before ``start`` already written, pages
+    cover what is written, nothing past max_len, no write into a page another live row holds
+    (cached pages are read-only), every call from one thread."""
 
     def __init__(
         self,
-        num_slots: int = 4,
+        max_seqs: int = 4,
         max_len: int = 64,
         prefill_chunk: int = 8,
         step_delay: float = 0.0,
         fail_prefill_token: int | None = None,
+        page_size: int = 4,
+        num_pages: int | None = None,
     ) -> None:
-        self.num_slots, self.max_len, self.prefill_chunk = num_slots, max_len, prefill_chunk
+        self.max_seqs, self.max_len, self.prefill_chunk = max_seqs, max_len, prefill_chunk
+        self.page_size = page_size
+        self.num_pages = num_pages if num_pages is not None else max_seqs * -(-max_len // page_size)
+        self.pool: list[list[int | None]] = [[None] * page_size for _ in range(self.num_pages)]
         self.step_delay = step_delay
         self.fail_prefill_token = fail_prefill_token
         self.fail_next_decode = False
         self.gate: threading.Event | None = None
-        self.state: list[dict | None] = [None] * num_slots
+        self.state: list[dict | None] = [None] * max_seqs
         self.calls: list[tuple] = []
         self.violations: list[str] = []
+        self.score_reads: list[tuple[int, ...]] = []  # the whole sequence each score piece read
         self._thread: int | None = None
 
     def _check(self, ok: bool, what: str) -> None:
@@ -139,82 +170,120 @@ class FakeEngine:
         self._thread = self._thread or me
         self._check(self._thread == me, "engine called from two threads")
 
-    def prefill(self, slot, tokens, params: SamplingParams, *, start=0, last=True):
+    def _table(self, pages, n: int, what: str) -> list[int]:
+        pages = list(pages)
+        self._check(len(set(pages)) == len(pages), f"{what}: page table {pages} repeats a page")
+        self._check(all(0 <= p < self.num_pages for p in pages), f"{what}: page out of range in {pages}")
+        self._check(len(pages) * self.page_size >= n, f"{what}: {len(pages)} pages do not cover {n} positions")
+        return pages
+
+    def _write(self, row: int | None, pages: list[int], pos: int, token: int, what: str) -> None:
+        page = pages[pos // self.page_size]
+        for other, st in enumerate(self.state):
+            if other != row and st is not None:
+                self._check(page not in st["pages"], f"{what}: writes page {page} that row {other} holds")
+        self.pool[page][pos % self.page_size] = token
+
+    def _read(self, pages: list[int], n: int, what: str) -> list[int]:
+        seq = [self.pool[pages[p // self.page_size]][p % self.page_size] for p in range(n)]
+        self._check(None not in seq, f"{what}: reads a position never written")
+        return seq
+
+    def prefill(self, row, tokens, params: SamplingParams, *, pages, start=0, last=True):
         self._on_thread()
         tokens = list(tokens)
-        self.calls.append(("prefill", slot, start, len(tokens), last, time.monotonic()))
-        self._check(0 <= slot < self.num_slots, f"prefill: slot {slot} out of range")
+        self.calls.append(("prefill", row, start, len(tokens), last, time.monotonic()))
+        self._check(0 <= row < self.max_seqs, f"prefill: row {row} out of range")
         self._check(1 <= len(tokens) <= self.prefill_chunk, f"prefill: chunk of {len(tokens)} tokens")
-        st = self.state[slot]
-        if start == 0:
-            self._check(st is None, f"prefill: slot {slot} not released")
-            st = self.state[slot] = {"length": 0, "last": None, "ready": False, "params": params}
-        else:
-            self._check(st is not None and st["length"] == start and not st["ready"], "prefill: chunk out of order")
         self._check(start + len(tokens) <= self.max_len, "prefill: past max_len")
+        pages = self._table(pages, start + len(tokens), "prefill")
+        st = self.state[row]
+        if st is None:  # a new sequence: positions before start are its cached prefix
+            self._read(pages, start, "prefill of a cached prefix")
+            st = self.state[row] = {"length": start, "last": None, "ready": False, "params": params, "pages": pages}
+        else:
+            self._check(st["length"] == start and not st["ready"], "prefill: chunk out of order or row not released")
+            st["pages"] = pages
         if self.fail_prefill_token is not None and self.fail_prefill_token in tokens:
             raise RuntimeError("injected prefill failure")
+        for i, t in enumerate(tokens):
+            self._write(row, pages, start + i, t, "prefill")
         st["length"] += len(tokens)
         if not last:
             return None
-        st["ready"], st["last"] = True, next_token(tokens[-1])
-        return slot_token(st["last"], params.logprobs)
+        seq = self._read(pages, st["length"], "prefill")
+        st["ready"], st["last"] = True, next_token(seq[-1])
+        return slot_token(st["last"], params.logprobs, logprob_of(seq))
 
-    def decode(self, active):
-        self._on_thread()
-        active = list(active)
-        self.calls.append(("decode", tuple(active), time.monotonic()))
+    def _decode_one(self, rows, pages) -> dict[int, SlotToken]:
         results = {}
-        for slot in active:
-            st = self.state[slot]
-            self._check(st is not None and st["ready"], f"decode: slot {slot} not prefilled")
-            self._check(st["length"] < self.max_len, f"decode: slot {slot} past max_len")
-            st["length"] += 1  # writes the previous token's K/V
-            st["last"] = next_token(st["last"])
-            results[slot] = slot_token(st["last"], st["params"].logprobs)
+        for row in rows:
+            st = self.state[row]
+            self._check(st is not None and st["ready"], f"decode: row {row} not prefilled")
+            self._check(st["length"] < self.max_len, f"decode: row {row} past max_len")
+            table = self._table(pages[row], st["length"] + 1, f"decode row {row}")
+            st["pages"] = table
+            self._write(row, table, st["length"], st["last"], "decode")  # the previous token's K/V
+            st["length"] += 1
+            seq = self._read(table, st["length"], "decode")
+            st["last"] = next_token(seq[-1])
+            results[row] = slot_token(st["last"], st["params"].logprobs, logprob_of(seq))
+        return results
+
+    def decode(self, rows, pages):
+        self._on_thread()
+        rows = list(rows)
+        self.calls.append(("decode", tuple(rows), time.monotonic()))
+        self._check(set(pages) == set(rows), f"decode: page tables for {sorted(pages)}, rows {rows}")
+        results = self._decode_one(rows, pages)
         fail, self.fail_next_decode = self.fail_next_decode, False
         return FakeHandle(results, time.monotonic() + self.step_delay, self.gate, fail)
 
-    def release(self, slot):
+    def release(self, row):
         self._on_thread()
-        self.calls.append(("release", slot, time.monotonic()))
-        self.state[slot] = None
+        self.calls.append(("release", row, time.monotonic()))
+        self.state[row] = None
 
-    def score(self, context, continuation) -> ScoreOutput:
+    def score(self, tokens, targets, *, pages, start=0) -> FakeScore:
         self._on_thread()
-        self.calls.append(("score", len(context), len(continuation), time.monotonic()))
-        prev = list(context)[-1]
-        lps = []
-        for t in continuation:
-            lps.append(-1.0 if t == next_token(prev) else -5.0)
-            prev = t
-        return ScoreOutput(sum(lps), tuple(lps), all(x == -1.0 for x in lps), tuple(context), tuple(continuation))
+        tokens, targets = list(tokens), list(targets)
+        self.calls.append(("score", start, len(tokens), time.monotonic()))
+        self._check(len(tokens) == len(targets) and 1 <= len(tokens) <= self.prefill_chunk, "score: piece size")
+        pages = self._table(pages, start + len(tokens), "score")
+        self._read(pages, start, "score of a cached prefix")
+        for i, t in enumerate(tokens):
+            self._write(None, pages, start + i, t, "score")
+        seq = self._read(pages, start + len(tokens), "score")
+        self.score_reads.append(tuple(seq))
+        tops = [next_token(seq[start + i]) for i in range(len(tokens))]
+        lps = [-1.0 if tgt == top else -5.0 for tgt, top in zip(targets, tops)]
+        return FakeScore(tuple(lps), tuple(tops), tuple(-1.0 for _ in tops))
 
-    def active_slots(self) -> int:
+    def active_rows(self) -> int:
         return sum(s is not None for s in self.state)
 
 
 class GroupingFakeEngine(FakeEngine):
-    """A FakeEngine that also prefills up to 3 whole prompts of <= 4 tokens in one call."""
+    """A FakeEngine that also prefills up to 3 prompt remainders of <= 4 tokens in one call."""
 
     prefill_rows, prefill_many_limit = 3, 4
     hold: threading.Event | None = None  # a one-prompt prefill waits for it (once)
 
-    def prefill(self, slot, tokens, params, *, start=0, last=True):
+    def prefill(self, row, tokens, params, *, pages, start=0, last=True):
         hold, self.hold = self.hold, None
         if hold is not None:
             hold.wait(10)
-        return super().prefill(slot, tokens, params, start=start, last=last)
+        return super().prefill(row, tokens, params, pages=pages, start=start, last=last)
 
     def prefill_many(self, items):
         self._on_thread()
-        items = [(slot, list(tokens), params) for slot, tokens, params in items]
-        self.calls.append(("prefill_many", tuple(slot for slot, _, _ in items), time.monotonic()))
+        items = [(row, list(tokens), params, start, pages) for row, tokens, params, start, pages in items]
+        self.calls.append(("prefill_many", tuple(it[0] for it in items), time.monotonic()))
         self._check(1 <= len(items) <= self.prefill_rows, f"prefill_many: {len(items)} prompts")
-        self._check(all(len(t) <= self.prefill_many_limit for _, t, _ in items), "prefill_many: prompt too long")
-        if any(self.fail_prefill_token in t for _, t, _ in items):
+        self._check(all(len(it[1]) <= self.prefill_many_limit for it in items), "prefill_many: prompt too long")
+        if any(self.fail_prefill_token in it[1] for it in items):
             raise RuntimeError("injected prefill failure")
-        return [FakeEngine.prefill(self, slot, t, params) for slot, t, params in items]
+        return [FakeEngine.prefill(self, row, t, params, pages=pages, start=start) for row, t, params, start, pages in items]
 
 
 class MultiStepHandle:
@@ -233,13 +302,15 @@ class MultiStepFakeEngine(FakeEngine):
 
     decode_steps = 3
 
-    def decode(self, active, steps=1):
+    def decode(self, rows, pages, steps=1):
         if steps == 1:
-            self.calls.append(("decode_1", tuple(active), time.monotonic()))
-            return super().decode(active)
+            self.calls.append(("decode_1", tuple(rows), time.monotonic()))
+            return super().decode(rows, pages)
         self._check(steps == self.decode_steps, f"decode: {steps} steps per call")
-        self.calls.append(("decode_k", tuple(active), time.monotonic()))
-        return MultiStepHandle([super(MultiStepFakeEngine, self).decode(active) for _ in range(steps)])
+        for row in rows:
+            self._table(pages[row], self.state[row]["length"] + steps, f"decode_k row {row}")
+        self.calls.append(("decode_k", tuple(rows), time.monotonic()))
+        return MultiStepHandle([super(MultiStepFakeEngine, self).decode(rows, pages) for _ in range(steps)])
 
 
 def expected(prompt_ids: Sequence[int], max_tokens: int, eos: bool = True) -> list[int]:
@@ -288,8 +359,11 @@ def wait_for(cond, timeout=10.0):
 def assert_idle(s: Scheduler) -> None:
     wait_for(lambda: s.load().live_requests == 0)
     load = s.load()
-    assert (load.active_slots, load.queue_requests, load.queue_tokens) == (0, 0, 0)
-    assert s.engine.active_slots() == 0
+    assert (load.active_seqs, load.queue_requests, load.queue_tokens) == (0, 0, 0)
+    assert s.engine.active_rows() == 0
+    wait_for(lambda: s.blocks.stats().used == 0)  # every page free or cached once nothing runs
+    pages = s.blocks.stats()
+    assert pages.free + pages.cached == s.num_pages
     started = s.metrics.value("jaxinfer_requests_started_total")
     assert started == sum(s.metrics.finished_by_reason().values())
 
@@ -332,8 +406,10 @@ def test_logprobs_with_top_alternatives(sched):
     events, out, _, _ = collect(sched.submit(req))
     lps = [lp for e in events for lp in e.logprobs]
     assert [lp.token for lp in lps] == out
-    assert all(lp.logprob == LOGPROB for lp in lps)
-    assert lps[0].top_ids == (out[0], out[0] + 1) and lps[0].top_logprobs == (LOGPROB, LOGPROB - 1)
+    seqs = [list(ids("a")) + out[:i] for i in range(3)]  # what the engine read for each token
+    assert [lp.logprob for lp in lps] == [logprob_of(q) for q in seqs]
+    lp0 = logprob_of(seqs[0])
+    assert lps[0].top_ids == (out[0], out[0] + 1) and lps[0].top_logprobs == (lp0, lp0 - 1)
 
 
 def test_eos_stops_and_ignore_eos_continues(sched):
@@ -415,11 +491,11 @@ def test_32_concurrent_streams_equal_solo_runs():
         prompt = tuple(rng.randrange(0, 95) for _ in range(rng.randrange(1, 20)))
         reqs.append(Request(prompt, max_tokens=rng.randrange(1, 30), request_id=f"r{i}", stop=("~",) if i % 5 == 0 else ()))
     solo = {}
-    s = make(FakeEngine(num_slots=1))
+    s = make(FakeEngine(max_seqs=1))
     for r in reqs:
         solo[r.request_id] = collect(s.submit(r))
     s.close()
-    s = make(FakeEngine(num_slots=4, prefill_chunk=4), max_queue_requests=64)
+    s = make(FakeEngine(max_seqs=4, prefill_chunk=4), max_queue_requests=64)
     streams = [s.submit(r) for r in reqs]
     results = {}
     threads = [threading.Thread(target=lambda st=st: results.__setitem__(st.request_id, collect(st))) for st in streams]
@@ -438,7 +514,7 @@ def test_32_concurrent_streams_equal_solo_runs():
 
 
 def test_long_prompt_chunks_interleave_with_running_decode():
-    eng = FakeEngine(num_slots=2, max_len=128, prefill_chunk=4, step_delay=0.002)
+    eng = FakeEngine(max_seqs=2, max_len=128, prefill_chunk=4, step_delay=0.002)
     s = make(eng)
     a = s.submit(Request(ids("a"), max_tokens=80, ignore_eos=True))
     it = iter(a)
@@ -462,7 +538,7 @@ def test_short_whole_prompts_share_one_prefill_call():
     prefill_many call (at most prefill_rows, within the budget); a long prompt
     breaks the run and is chunked as usual. When a group's call fails, its
     prompts are retried one at a time, so only the bad one ends in error."""
-    eng = GroupingFakeEngine(num_slots=8, max_len=64, prefill_chunk=8, fail_prefill_token=90)
+    eng = GroupingFakeEngine(max_seqs=8, max_len=64, prefill_chunk=8, fail_prefill_token=90)
     hold = eng.hold = threading.Event()
     s = make(eng, prefill_budget=64)
     blocker = s.submit(Request((9,) * 5, max_tokens=3, ignore_eos=True))  # slot 0; its prefill waits for hold
@@ -485,7 +561,7 @@ def test_short_whole_prompts_share_one_prefill_call():
     assert alone == [0, 1, 2, 3, 4, 5, 6, 7]  # this fake's group call runs prefill per prompt; 6, 7 retried
     long = [c for c in eng.calls if c[0] == "prefill" and c[1] == 5]
     assert [c[2:5] for c in long] == [(0, 8, False), (8, 2, True)]
-    assert eng.violations == [] and eng.active_slots() == 0
+    assert eng.violations == [] and eng.active_rows() == 0
 
 
 def test_multi_step_decode_gives_the_same_streams():
@@ -493,7 +569,7 @@ def test_multi_step_decode_gives_the_same_streams():
     steps give: a sequence that stops inside a call (EOS, a stop token,
     max_tokens) ignores the tokens after its stop, and a slot too near the end
     of the cache for 3 more steps makes the scheduler dispatch one at a time."""
-    eng = MultiStepFakeEngine(num_slots=4, max_len=24, prefill_chunk=8)
+    eng = MultiStepFakeEngine(max_seqs=4, max_len=24, prefill_chunk=8)
     s = make(eng, max_queue_requests=100)
     rng = random.Random(7)
     reqs = [Request(tuple(rng.randrange(0, 95) for _ in range(rng.randrange(1, 8))), max_tokens=rng.randrange(1, 12))
@@ -514,12 +590,12 @@ def test_multi_step_decode_gives_the_same_streams():
         s.close()
     kinds = [c[0] for c in eng.calls]
     assert kinds.count("decode_k") > 10 and kinds.count("decode_1") >= 1  # single steps near max_len
-    assert eng.violations == [] and eng.active_slots() == 0
+    assert eng.violations == [] and eng.active_rows() == 0
 
 
 def test_slot_reuse_with_pipelined_decode_drops_stale_tokens():
     # 2 slots, many short requests: slots are freed and re-prefilled while a step is in flight.
-    eng = FakeEngine(num_slots=2, prefill_chunk=3)
+    eng = FakeEngine(max_seqs=2, prefill_chunk=3)
     s = make(eng, max_queue_requests=200)
     rng = random.Random(1)
     reqs = [Request(tuple(rng.randrange(0, 95) for _ in range(rng.randrange(1, 8))), max_tokens=rng.randrange(1, 6))
@@ -541,7 +617,7 @@ def decodes_with(eng: FakeEngine, slot: int, after: float) -> int:
 
 
 def test_cancel_frees_slot_within_one_step():
-    eng = FakeEngine(num_slots=2, max_len=512, step_delay=0.005)
+    eng = FakeEngine(max_seqs=2, max_len=512, step_delay=0.005)
     s = make(eng)
     keep = s.submit(Request(ids("a"), max_tokens=200, ignore_eos=True))
     st = s.submit(Request(ids("b"), max_tokens=200, ignore_eos=True))
@@ -555,7 +631,7 @@ def test_cancel_frees_slot_within_one_step():
     slot = 1
     assert decodes_with(eng, slot, t_cancel) <= 1  # at most the step dispatched while cancelling
     assert any(c[0] == "release" and c[1] == slot and c[2] >= t_cancel for c in eng.calls)
-    wait_for(lambda: s.load().active_slots == 1)
+    wait_for(lambda: s.load().active_seqs == 1)
     keep.cancel()
     assert collect(keep)[3].finish_reason == "cancelled"
     assert_idle(s)
@@ -563,7 +639,7 @@ def test_cancel_frees_slot_within_one_step():
 
 
 def test_deadline_frees_slot_and_queued_requests_expire():
-    eng = FakeEngine(num_slots=1, max_len=512, step_delay=0.004)
+    eng = FakeEngine(max_seqs=1, max_len=512, step_delay=0.004)
     s = make(eng)
     st = s.submit(Request(ids("a"), max_tokens=300, ignore_eos=True, deadline=time.monotonic() + 0.1))
     queued = s.submit(Request(ids("b"), max_tokens=3, deadline=time.monotonic() + 0.02))  # never gets the slot
@@ -577,11 +653,11 @@ def test_deadline_frees_slot_and_queued_requests_expire():
 
 
 def test_queue_bounded_by_requests_and_tokens():
-    eng = FakeEngine(num_slots=1)
+    eng = FakeEngine(max_seqs=1)
     eng.gate = threading.Event()  # decode results wait: the slot stays busy
     s = make(eng, max_queue_requests=2, max_queue_tokens=10)
     busy = s.submit(Request(ids("a"), max_tokens=5))
-    wait_for(lambda: s.load().active_slots == 1)
+    wait_for(lambda: s.load().active_seqs == 1)
     q1 = s.submit(Request((1, 2, 3), max_tokens=2))
     with pytest.raises(QueueFullError, match=r"prompt tokens waiting \+ 8 > limit max_queue_tokens=10"):
         s.submit(Request((1,) * 8, max_tokens=2))
@@ -598,7 +674,7 @@ def test_queue_bounded_by_requests_and_tokens():
 
 
 def test_one_failing_request_does_not_disturb_others():
-    eng = FakeEngine(num_slots=4, fail_prefill_token=90)
+    eng = FakeEngine(max_seqs=4, fail_prefill_token=90)
     tok = FakeTokenizer(poison=[ord("#") - 32])
     s = make(eng, tok)
     good = [s.submit(Request(ids(p), max_tokens=6)) for p in ("a", "k", "p")]
@@ -616,7 +692,7 @@ def test_one_failing_request_does_not_disturb_others():
 
 
 def test_failed_decode_step_ends_its_requests_only():
-    eng = FakeEngine(num_slots=2, step_delay=0.002)
+    eng = FakeEngine(max_seqs=2, step_delay=0.002)
     s = make(eng)
     a = s.submit(Request(ids("a"), max_tokens=20))
     it = iter(a)
@@ -630,7 +706,7 @@ def test_failed_decode_step_ends_its_requests_only():
 
 
 def test_drain_finishes_inflight_and_refuses_new():
-    eng = FakeEngine(num_slots=2, step_delay=0.002)
+    eng = FakeEngine(max_seqs=2, step_delay=0.002)
     s = make(eng)
     running = [s.submit(Request(ids("a"), max_tokens=20)) for _ in range(3)]  # one waits in the queue
     results = []
@@ -645,7 +721,7 @@ def test_drain_finishes_inflight_and_refuses_new():
 
 
 def test_drain_grace_elapsed_cancels_the_rest():
-    eng = FakeEngine(num_slots=1, max_len=4096, step_delay=0.005)
+    eng = FakeEngine(max_seqs=1, max_len=4096, step_delay=0.005)
     s = make(eng)
     st = s.submit(Request(ids("a"), max_tokens=4000, ignore_eos=True))
     next(iter(st))
@@ -657,11 +733,11 @@ def test_drain_grace_elapsed_cancels_the_rest():
 
 
 def test_close_ends_live_streams():
-    eng = FakeEngine(num_slots=1)
+    eng = FakeEngine(max_seqs=1)
     eng.gate = threading.Event()
     s = make(eng)
     st = s.submit(Request(ids("a"), max_tokens=5))
-    wait_for(lambda: s.load().active_slots == 1)
+    wait_for(lambda: s.load().active_seqs == 1)
     closer = threading.Thread(target=s.close)
     closer.start()
     eng.gate.set()
@@ -681,18 +757,190 @@ def test_score_runs_on_the_loop_thread_between_steps(sched):
     assert sched.score((5,), (6, 7)).is_greedy
     with pytest.raises(InvalidRequestError, match="continuation is empty"):
         sched.score((5,), ())
-    with pytest.raises(InvalidRequestError, match="exceeds max_len=64"):
+    with pytest.raises(InvalidRequestError, match="= 65 exceeds the context limit max_len=64"):
         sched.score((5,) * 60, (6,) * 5)
     for st in streams:
         collect(st)
     assert sched.engine.violations == []
 
 
+# -- pages: prefix cache, preemption, pool limits -----------------------------------------------------
+
+
+def run_all(s: Scheduler, reqs: list[Request]) -> list[tuple[list[int], list[float], Event]]:
+    """Submit every request at once and collect (tokens, logprobs, last event) of each."""
+    streams = [s.submit(r) for r in reqs]
+    out = []
+    for st in streams:
+        events, toks, _, last = collect(st)
+        out.append((toks, [lp.logprob for e in events for lp in e.logprobs], last))
+    return out
+
+
+def test_prefix_hit_prefills_only_the_suffix_and_gives_the_same_stream():
+    system = tuple(range(10, 30))  # 20 tokens: 5 full pages of 4
+    reqs = [Request(system + (40 + i, 41 + i), max_tokens=6, return_logprobs=True, ignore_eos=True) for i in range(3)]
+    results = {}
+    for cache in (False, True):
+        eng = FakeEngine(max_seqs=1, max_len=64, prefill_chunk=8, page_size=4)
+        s = make(eng, prefix_cache=cache)
+        try:
+            results[cache] = [run_all(s, [r])[0] for r in reqs]  # one after the other: the first one caches
+            assert_idle(s)
+        finally:
+            s.close()
+        assert eng.violations == []
+        starts = [c[2] for c in eng.calls if c[0] == "prefill"]
+        if cache:
+            # request 1: 0, 8, 16 (22 tokens in chunks of 8); 2 and 3: only from the cached 20 on
+            assert starts == [0, 8, 16, 20, 20]
+            assert [r[2].usage.cached_tokens for r in results[cache]] == [0, 20, 20]
+            assert s.metrics.value("jaxinfer_prefix_cache_hit_tokens_total") == 40
+            assert s.metrics.value("jaxinfer_prefix_cache_query_tokens_total") == 66
+            assert s.blocks.stats().cached > 0  # finished sequences' pages stay cached
+        else:
+            assert starts == [0, 8, 16] * 3 and all(r[2].usage.cached_tokens == 0 for r in results[cache])
+    assert [r[:2] for r in results[True]] == [r[:2] for r in results[False]]
+    for r, (toks, lps, _) in zip(reqs, results[True]):
+        assert toks == expected(r.prompt_ids, 6, eos=False)
+        assert lps == [logprob_of(list(r.prompt_ids) + toks[:i]) for i in range(6)]
+
+
+def test_match_never_covers_the_whole_prompt():
+    eng = FakeEngine(max_seqs=1, page_size=4)
+    s = make(eng)
+    try:
+        prompt = tuple(range(1, 9))  # exactly 2 pages
+        for _ in range(2):
+            assert collect(s.submit(Request(prompt, max_tokens=2)))[1] == expected(prompt, 2)
+        starts = [c[2:5] for c in eng.calls if c[0] == "prefill"]
+        assert starts == [(0, 8, True), (4, 4, True)]  # the second reuses one page, prefills the last
+    finally:
+        s.close()
+
+
+def test_concurrent_requests_share_a_prefix_prefilled_once():
+    system = tuple(range(1, 17))  # 4 pages
+    eng = FakeEngine(max_seqs=4, max_len=64, prefill_chunk=16, page_size=4, step_delay=0.001)
+    s = make(eng)
+    try:
+        first = s.submit(Request(system + (50,), max_tokens=20, ignore_eos=True))
+        next(iter(first))  # its prompt is in the cache now; it keeps decoding beside the others
+        rest = run_all(s, [Request(system + (60 + i,), max_tokens=4, return_logprobs=True) for i in range(3)])
+        assert [r[2].usage.cached_tokens for r in rest] == [16, 16, 16]
+        assert [r[0] for r in rest] == [expected(system + (60 + i,), 4) for i in range(3)]
+        collect(first)
+        assert_idle(s)
+    finally:
+        s.close()
+    assert eng.violations == []
+
+
+def test_preemption_keeps_every_request_and_its_output():
+    """A pool too small for the load: the newest sequences are preempted and recomputed, every
+    stream ends as it does in a pool big enough, tokens and logprobs alike."""
+    rng = random.Random(3)
+    reqs = [
+        Request(tuple(rng.randrange(0, 95) for _ in range(rng.randrange(3, 14))), max_tokens=rng.randrange(8, 30),
+                return_logprobs=True, ignore_eos=i % 3 == 0, request_id=f"p{i}")
+        for i in range(12)
+    ]
+    runs = {}
+    for pages in (64, 12):  # 12 pages x 4 = 48 positions for 4 rows of up to 43
+        eng = FakeEngine(max_seqs=4, max_len=64, prefill_chunk=8, page_size=4, num_pages=pages)
+        s = make(eng, max_queue_requests=64)
+        try:
+            runs[pages] = run_all(s, reqs)
+            assert_idle(s)
+            preempted = s.metrics.value("jaxinfer_preemptions_total")
+        finally:
+            s.close()
+        assert eng.violations == []
+        assert (preempted > 0) == (pages == 12)
+    for a, b in zip(runs[64], runs[12]):
+        assert (a[0], a[1], a[2].finish_reason, a[2].usage) == (b[0], b[1], b[2].finish_reason, b[2].usage)
+    for r, (toks, _, last) in zip(reqs, runs[12]):
+        assert toks == expected(r.prompt_ids, r.max_tokens, eos=not r.ignore_eos)
+
+
+def test_preemption_under_multi_step_decode_and_prefix_cache_off():
+    rng = random.Random(4)
+    reqs = [Request(tuple(rng.randrange(0, 95) for _ in range(rng.randrange(2, 10))), max_tokens=rng.randrange(5, 25),
+                    ignore_eos=True) for _ in range(10)]
+    for cache in (True, False):
+        eng = MultiStepFakeEngine(max_seqs=4, max_len=40, prefill_chunk=8, page_size=4, num_pages=10)
+        s = make(eng, prefix_cache=cache, max_queue_requests=64)
+        try:
+            for r, (toks, _, last) in zip(reqs, run_all(s, reqs)):
+                assert toks == expected(r.prompt_ids, r.max_tokens, eos=False) and last.finish_reason == "length"
+            assert_idle(s)
+            assert s.metrics.value("jaxinfer_preemptions_total") > 0
+        finally:
+            s.close()
+        assert eng.violations == []
+
+
+def test_request_that_can_never_fit_the_pool_is_refused_naming_the_limit():
+    s = make(FakeEngine(max_seqs=2, max_len=64, page_size=4, num_pages=5))
+    try:
+        with pytest.raises(InvalidRequestError, match=r"= 21 exceeds the KV cache pool of 5 pages x 4 = 20 tokens") as e:
+            s.submit(Request((1,) * 11, max_tokens=10))
+        assert e.value.field == "max_tokens"
+        with pytest.raises(InvalidRequestError, match="pool of 5 pages"):
+            s.score((1,) * 15, (2,) * 6)
+        assert collect(s.submit(Request((1,) * 10, max_tokens=10)))[3].finish_reason == "length"  # 20 fits
+        assert_idle(s)
+    finally:
+        s.close()
+
+
+def test_page_metrics():
+    eng = FakeEngine(max_seqs=2, max_len=64, page_size=4, step_delay=0.002)
+    s = make(eng)
+    try:
+        st = s.submit(Request(tuple(range(1, 10)), max_tokens=30, ignore_eos=True))
+        it = iter(st)
+        next(it)
+        wait_for(lambda: s.metrics.value("jaxinfer_kv_pages", {"state": "used"}) >= 3)
+        assert s.metrics.value("jaxinfer_active_seqs") == 1 and s.metrics.value("jaxinfer_max_seqs") == 2
+        list(it)
+        wait_for(lambda: s.metrics.value("jaxinfer_kv_pages", {"state": "used"}) == 0)
+        cached = s.metrics.value("jaxinfer_kv_pages", {"state": "cached"})
+        assert cached == (9 + 30 - 1) // 4  # every full page of known tokens stays cached
+        assert cached + s.metrics.value("jaxinfer_kv_pages", {"state": "free"}) == eng.num_pages
+        collect(s.submit(Request(tuple(range(1, 10)), max_tokens=2)))
+        wait_for(lambda: s.metrics.value("jaxinfer_prefix_cache_hit_rate") > 0)
+        assert s.metrics.value("jaxinfer_prefix_cache_hit_rate") == pytest.approx(8 / 18)
+    finally:
+        s.close()
+
+
+def test_score_pairs_of_one_context_compute_it_once():
+    eng = FakeEngine(max_seqs=2, max_len=64, prefill_chunk=8, page_size=4)
+    s = make(eng)
+    try:
+        ctx = tuple(range(1, 21))  # 20 tokens
+        pairs = [(ctx, (21, 22)), (ctx, (30,)), (ctx, (21, 22, 23, 40))]
+        outs = s.score_batch(pairs)
+        assert [o.token_logprobs for o in outs] == [(-1.0, -1.0), (-5.0,), (-1.0, -1.0, -1.0, -5.0)]
+        assert [o.is_greedy for o in outs] == [True, False, False]
+        assert outs[2].logprob == -8.0 and outs[0].continuation_ids == (21, 22)
+        scores = [c[1:3] for c in eng.calls if c[0] == "score"]
+        # the first pair runs the context from 0 in pieces of 8; the others from the cached 16 on
+        assert scores == [(0, 8), (8, 8), (16, 5), (16, 4), (16, 7)]
+        assert eng.score_reads[-1] == ctx + (21, 22, 23)
+        assert s.score(ctx, (21,)).is_greedy
+        assert_idle(s)
+    finally:
+        s.close()
+    assert eng.violations == []
+
+
 # -- soak --------------------------------------------------------------------------------------------
 
 
 def test_soak_random_faults_leave_nothing_behind():
-    eng = FakeEngine(num_slots=4, max_len=96, prefill_chunk=5, step_delay=0.0005)
+    eng = FakeEngine(max_seqs=4, max_len=96, prefill_chunk=5, step_delay=0.0005)
     s = make(eng, FakeTokenizer(poison=[77]), max_queue_requests=24, max_queue_tokens=400)
     rng = random.Random(7)
     outcomes: dict[str, int] = {}
@@ -788,7 +1036,7 @@ def test_real_engine_streams_equal_direct_engine_calls():
         streams = [s.submit(r) for r in reqs]
         batched = [collect(st) for st in streams]
         load = s.load()
-        assert (load.active_slots, load.live_requests) == (0, 0)
+        assert (load.active_seqs, load.live_requests) == (0, 0)
     finally:
         s.close()
     for r, (_, out, _, last) in zip(reqs, batched):
