@@ -995,16 +995,16 @@ def test_soak_random_faults_leave_nothing_behind():
 # -- the real engine ---------------------------------------------------------------------------------
 
 
-@pytest.mark.slow
-def test_real_engine_streams_equal_direct_engine_calls():
-    """The scheduler over the real Engine (tiny random Llama): pipelined decode, chunked prompts
-    and slot reuse give the tokens of driving the engine by hand, one request at a time."""
+def tiny_real_engine(max_seqs: int, num_pages: int, page_size: int = 8, **kw):
+    """A tiny random Llama on the real Engine with a pool of ``num_pages`` pages."""
     import dataclasses
 
     import jax.numpy as jnp
 
     from jaxinfer.config import SMOLLM2_135M
-    from jaxinfer.engine.engine import Engine, EngineConfig
+    from jaxinfer.engine.config import EngineConfig
+    from jaxinfer.engine.engine import Engine
+    from jaxinfer.engine.pages import KVPool
     from jaxinfer.model.transformer import Transformer
     from jaxinfer.model.weights import nest, random_weights
 
@@ -1013,38 +1013,74 @@ def test_real_engine_streams_equal_direct_engine_calls():
         head_dim=8, max_position_embeddings=512,
     )
     model = Transformer(cfg, params=nest({k: jnp.asarray(v) for k, v in random_weights(cfg, seed=0, scale=0.15).items()}))
-    eng = Engine(model, EngineConfig(slots=3, max_len=128, prefill_buckets=(16, 32), min_span=32))
-    eng.compile(progress=False)
+    pool = num_pages * page_size * KVPool.bytes_per_token(cfg, jnp.float32)
+    return Engine(model, EngineConfig(max_seqs=max_seqs, max_len=128, page_size=page_size, kv_cache_bytes=pool,
+                                      prefill_buckets=(16, 32), lazy_compile=True, **kw))
 
-    class Tok:
-        vocab_size, eos_ids = 512, (2,)
 
-        def decode(self, ids, skip_special=True):
-            return "".join(chr(0x4E00 + i) for i in ids)
+class RealTok:
+    vocab_size, eos_ids = 512, (2,)
 
+    def decode(self, ids, skip_special=True):
+        return "".join(chr(0x4E00 + i) for i in ids)
+
+
+def direct_greedy(eng, prompt: Sequence[int], max_tokens: int, sampling: SamplingParams = SamplingParams()) -> list[int]:
+    """Drive the engine by hand, one sequence on row 0 over pages 0, 1, ..."""
+    pages = list(range(-(-(len(prompt) + max_tokens) // eng.page_size)))
+    first, chunk = None, eng.prefill_chunk
+    for off in range(0, len(prompt), chunk):
+        first = eng.prefill(0, prompt[off : off + chunk], sampling, pages=pages, start=off,
+                            last=off + chunk >= len(prompt))
+    out = [first.token]
+    while len(out) < max_tokens:
+        out.append(eng.decode([0], {0: pages}).result()[0].token)
+    eng.release(0)
+    return out
+
+
+@pytest.mark.slow
+def test_real_engine_streams_equal_direct_engine_calls():
+    """The scheduler over the real Engine (tiny random Llama): pipelined decode, chunked prompts,
+    row reuse and prefix-cache hits give the tokens of driving the engine by hand, one request at
+    a time; sampled requests with a seed too."""
+    eng = tiny_real_engine(max_seqs=3, num_pages=64)
     rng = random.Random(5)
+    shared = tuple(rng.randrange(3, 512) for _ in range(40))  # 5 pages: later requests hit them
     reqs = [
         Request(
-            tuple(rng.randrange(3, 512) for _ in range(rng.randrange(1, 70))), max_tokens=rng.randrange(1, 40),
-            sampling=SamplingParams(temperature=0.0 if i % 2 else 0.8, seed=i, logprobs=2), return_logprobs=True,
+            (shared if i % 2 else ()) + tuple(rng.randrange(3, 512) for _ in range(rng.randrange(1, 40))),
+            max_tokens=rng.randrange(1, 40),
+            sampling=SamplingParams(temperature=0.0 if i % 3 else 0.8, seed=i, logprobs=2), return_logprobs=True,
             ignore_eos=True,
         )
         for i in range(10)
     ]
-    s = Scheduler(eng, Tok(), metrics=Metrics(), detokenizer=FakeDetokenizer).start()
+    s = Scheduler(eng, RealTok(), metrics=Metrics(), detokenizer=FakeDetokenizer).start()
     try:
-        streams = [s.submit(r) for r in reqs]
-        batched = [collect(st) for st in streams]
-        load = s.load()
-        assert (load.active_seqs, load.live_requests) == (0, 0)
+        batched = [collect(st) for st in [s.submit(r) for r in reqs]]
+        assert s.load().live_requests == 0 and s.blocks.stats().used == 0
+        assert sum(e[3].usage.cached_tokens for e in batched) > 0
     finally:
         s.close()
     for r, (_, out, _, last) in zip(reqs, batched):
-        first, chunk = None, eng.prefill_chunk
-        for off in range(0, len(r.prompt_ids), chunk):
-            first = eng.prefill(0, r.prompt_ids[off : off + chunk], r.sampling, start=off, last=off + chunk >= len(r.prompt_ids))
-        direct = [first.token]
-        while len(direct) < r.max_tokens:
-            direct.append(eng.decode([0]).result()[0].token)
-        eng.release(0)
-        assert out == direct and last.finish_reason == "length"
+        assert out == direct_greedy(eng, r.prompt_ids, r.max_tokens, r.sampling) and last.finish_reason == "length"
+
+
+@pytest.mark.slow
+def test_real_engine_preemption_keeps_greedy_outputs():
+    """A pool too small for the load: preempted sequences are recomputed (through the prefix
+    cache) and every greedy stream equals the engine driven by hand."""
+    eng = tiny_real_engine(max_seqs=4, num_pages=12)  # 96 positions for 4 rows of up to ~70
+    rng = random.Random(9)
+    reqs = [Request(tuple(rng.randrange(3, 512) for _ in range(rng.randrange(8, 30))), max_tokens=rng.randrange(20, 40),
+                    ignore_eos=True) for _ in range(8)]
+    s = Scheduler(eng, RealTok(), metrics=Metrics(), detokenizer=FakeDetokenizer).start()
+    try:
+        batched = [collect(st) for st in [s.submit(r) for r in reqs]]
+        assert s.metrics.value("jaxinfer_preemptions_total") > 0
+        assert s.blocks.stats().used == 0
+    finally:
+        s.close()
+    for r, (_, out, _, last) in zip(reqs, batched):
+        assert last.finish_reason == "length" and out == direct_greedy(eng, r.prompt_ids, r.max_tokens)

@@ -541,10 +541,27 @@ def test_serve_help_lists_the_flags():
     parser = argparse.ArgumentParser()
     serve.register(parser.add_subparsers(dest="command"))
     text = parser._subparsers._group_actions[0].choices["serve"].format_help()
-    for flag in ("--model", "--port", "--host", "--mesh", "--slots", "--max-len", "--max-queue-requests",
+    for flag in ("--model", "--port", "--host", "--mesh", "--max-seqs", "--max-len", "--page-size", "--kv-cache-memory",
+                 "--no-prefix-cache", "--max-queue-requests",
                  "--max-queue-tokens", "--dtype", "--weight-dtype", "--auth-token-file", "--tls-cert", "--tls-key", "--metrics-port",
                  "--grace-period", "smollm2-135m-instruct"):
         assert flag in text
+    assert "--slots" not in text and "--span-steps" not in text
+
+
+def test_engine_flags_map_onto_engine_config():
+    from jaxinfer.commands import serve
+    from jaxinfer.commands.common import engine_config
+    from jaxinfer.engine.config import EngineConfig
+
+    parser = argparse.ArgumentParser()
+    serve.register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["serve", "--max-seqs", "32", "--page-size", "8", "--kv-cache-memory", "64MiB",
+                              "--no-prefix-cache", "--prefill-buckets", "16,64"])
+    cfg = engine_config(args, lazy_compile=False)
+    assert (cfg.max_seqs, cfg.page_size, cfg.kv_cache_bytes, cfg.prefill_buckets) == (32, 8, 64 << 20, (16, 64))
+    assert cfg.max_len is None and cfg.decode_steps == EngineConfig().decode_steps and args.no_prefix_cache
+    assert engine_config(parser.parse_args(["serve"]), lazy_compile=True).page_size == EngineConfig().page_size
 
 
 SIGTERM_SCRIPT = """

@@ -20,7 +20,7 @@ def register(sub) -> None:
         "(BOS before the context when the model adds one).",
     )
     p.add_argument("file", nargs="?", default="-", help="JSON lines file ('-' = stdin, the default)")
-    add_model_args(p, slots=1)
+    add_model_args(p, max_seqs=1)
     p.set_defaults(func=run)
 
 
