@@ -836,6 +836,29 @@ def test_concurrent_requests_share_a_prefix_prefilled_once():
     assert eng.violations == []
 
 
+def test_requests_queued_together_prefill_a_shared_prefix_once():
+    """Admission waits for the prefill budget, so of requests queued at the same moment only the
+    first prefills the shared system prompt; the others match the pages it committed."""
+    eng = GroupingFakeEngine(max_seqs=8, max_len=64, prefill_chunk=8, page_size=4)
+    hold = eng.hold = threading.Event()
+    s = make(eng, prefill_budget=8)
+    try:
+        blocker = s.submit(Request((9,), max_tokens=2))
+        wait_for(lambda: eng.hold is None)  # the loop is inside the blocker's prefill
+        system = tuple(range(1, 17))
+        reqs = [Request(system + (40 + i, 41 + i), max_tokens=3) for i in range(4)]
+        streams = [s.submit(r) for r in reqs]
+        hold.set()
+        results = [collect(st) for st in streams]
+        collect(blocker)
+        assert [r[1] for r in results] == [expected(r.prompt_ids, 3) for r in reqs]
+        assert [r[3].usage.cached_tokens for r in results] == [0, 16, 16, 16]
+        assert_idle(s)
+    finally:
+        s.close()
+    assert eng.violations == []
+
+
 def test_preemption_keeps_every_request_and_its_output():
     """A pool too small for the load: the newest sequences are preempted and recomputed, every
     stream ends as it does in a pool big enough, tokens and logprobs alike."""

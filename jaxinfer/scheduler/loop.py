@@ -20,9 +20,11 @@ Pipeline::
       2. score     score jobs: context + continuation through pages, the context's longest cached
                    prefix reused, engine.score in pieces of engine.prefill_chunk, the context's full
                    pages registered in the prefix cache (N continuations compute the context once)
-      3. admit     waiting requests, first come first served, while a row is free and the pool has
+      3. admit     waiting requests, first come first served, while a row is free, the pool has
                    the pages of the whole prompt (after its prefix-cache hit) plus one page of
-                   headroom per decoding sequence; otherwise admission holds
+                   headroom per decoding sequence, and this iteration's prefill budget reaches the
+                   request (so it matches the prefix pages the requests before it just committed);
+                   otherwise admission holds
       4. prefill   at most `prefill_budget` prompt tokens per iteration, in pieces of at most
                    engine.prefill_chunk from the end of the cached prefix, so a long prompt's chunks
                    interleave with decode steps; each piece's full pages join the prefix cache; the
@@ -375,7 +377,11 @@ class Scheduler:
     def _admit(self) -> None:
         free_rows = [i for i, s in enumerate(self._rows) if s is None]
         now = time.monotonic()
-        while free_rows:
+        # admit only what this iteration's prefill reaches: a request admitted later matches the
+        # prefix pages the ones before it commit meanwhile (64 requests sharing a system prompt
+        # prefill it once, not 64 times side by side), and pages are not held by prompts that wait
+        pending = sum(s.to_prefill for s in self._running if s.state == PREFILLING)
+        while free_rows and pending < self._budget:
             with self._lock:
                 seq = self._waiting[0] if self._waiting else None
             if seq is None:
@@ -397,6 +403,7 @@ class Scheduler:
             seq.epoch += 1
             self._rows[seq.row] = seq
             self._running.append(seq)
+            pending += seq.to_prefill
             if first:
                 seq.admitted_at, seq.cached_tokens = now, n_cached
                 self.metrics.request_admitted(now - seq.submitted_at, seq.prompt_len)
