@@ -30,6 +30,7 @@ import grpc
 import numpy as np
 import pytest
 
+from conftest import drive
 from jaxinfer import distributed
 from jaxinfer.distributed import ClusterSpec, LockstepEngine, Op, _pack_params, _unpack_params
 from jaxinfer.engine.types import SamplingParams
@@ -126,7 +127,7 @@ def test_lockstep_engine_behind_the_scheduler_in_one_process():
         lock.stop()
     assert sent[-1].op == Op.STOP
     with pytest.raises(RuntimeError, match="stopped"):
-        lock.decode([0])
+        lock.decode([0], {0: [0]})
 
 
 # -- two processes --------------------------------------------------------------------------------
@@ -283,13 +284,17 @@ def tiny_reference(tiny_dir):
     """The same checkpoint in this (single) process on one device."""
     from jaxinfer.engine.engine import Engine, EngineConfig
 
-    eng = Engine.from_checkpoint(tiny_dir, config=EngineConfig(slots=2, max_len=64, lazy_compile=True))
-    greedy = [r["token_ids"] for r in eng.generate(TINY_PROMPTS, max_tokens=12, ignore_eos=True)]
-    seeded = eng.generate(TINY_PROMPTS[:1], SamplingParams(temperature=0.8, seed=7), max_tokens=12,
-                          ignore_eos=True)[0]["token_ids"]
+    eng = Engine.from_checkpoint(tiny_dir, config=EngineConfig(max_seqs=2, max_len=64, kv_cache_bytes=1 << 22,
+                                                               lazy_compile=True))
+    greedy = [r["token_ids"] for r in drive(eng, TINY_PROMPTS, max_tokens=12)]
+    seeded = drive(eng, TINY_PROMPTS[:1], SamplingParams(temperature=0.8, seed=7), max_tokens=12)[0]["token_ids"]
     tok = eng.tokenizer
     ctx = tok.encode("one model")
-    scores = [eng.score(ctx, tok.encode(c, add_bos=False)).logprob for c in (" served", " fox")]
+    scores = []
+    for c in (" served", " fox"):
+        seq = ctx + tok.encode(c, add_bos=False)
+        out = eng.score(seq[:-1], seq[1:], pages=list(range(4)))
+        scores.append(sum(out.token_logprobs[len(ctx) - 1 :]))
     return {"greedy": greedy, "seeded": seeded, "scores": scores}
 
 
@@ -365,12 +370,13 @@ def test_smollm2_two_processes_equal_one(smollm2_dir, group_factory):
     from jaxinfer.engine.engine import Engine, EngineConfig
 
     g = group_factory(smollm2_dir, mesh="data=2,model=2", max_len=128)  # starts while the reference runs
-    eng = Engine.from_checkpoint(smollm2_dir, config=EngineConfig(slots=2, max_len=128, lazy_compile=True))
+    eng = Engine.from_checkpoint(smollm2_dir, config=EngineConfig(max_seqs=2, max_len=128, kv_cache_bytes=1 << 24,
+                                                                  lazy_compile=True))
     tok = eng.tokenizer
-    want = [r["token_ids"] for r in eng.generate([tok.encode(p) for p in SMOL_PROMPTS], max_tokens=16,
-                                                 ignore_eos=True)]
+    want = [r["token_ids"] for r in drive(eng, [tok.encode(p) for p in SMOL_PROMPTS], max_tokens=16)]
     ctx, cont = tok.encode("The capital of France is"), tok.encode(" Paris.", add_bos=False)
-    want_score = eng.score(ctx, cont).logprob
+    seq = ctx + cont
+    want_score = sum(eng.score(seq[:-1], seq[1:], pages=list(range(8))).token_logprobs[len(ctx) - 1 :])
     del eng
     port = g.wait_serving(900)
     with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
