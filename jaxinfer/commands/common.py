@@ -84,13 +84,7 @@ def build_engine(args: argparse.Namespace, *, lazy_compile: bool):
     path = resolve_model(args.model, dtype=args.dtype or "float32")
     engine = Engine.from_checkpoint(path, mesh=args.mesh, dtype=args.dtype, config=engine_config(args, lazy_compile=lazy_compile))
     engine.checkpoint_path = path
-    log.info("%s", engine.describe())
-    st = engine.stats()
-    log.info(
-        "KV cache pool: %d pages x %d positions = %d tokens, %.1f MiB (%d bytes per token); %d decode rows, "
-        "max_len %d", st.num_pages, st.page_size, st.num_pages * st.page_size, st.pool_bytes / 2**20,
-        st.bytes_per_token, st.max_seqs, st.max_len,
-    )
+    log.info("%s", engine.describe())  # the pool in pages, tokens and bytes; rows; programs
     return engine
 
 
