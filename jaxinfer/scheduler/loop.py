@@ -85,7 +85,7 @@ from jaxinfer.scheduler.requests import (
     TokenizerLike,
     Usage,
 )
-from jaxinfer.scheduler.scoring import ScoreJob, score_through_pages
+from jaxinfer.scheduler.scoring import ScoreJob, run_score_jobs
 from jaxinfer.scheduler.state import DECODING, FINISHED, PREFILLING, WAITING, Seq, Step
 from jaxinfer.scheduler.validation import Capacity, check_token_ids, validate_request, validate_score
 
@@ -344,35 +344,7 @@ class Scheduler:
 
     def _run_scores(self) -> bool:
         """Score pairs within this iteration's token budget. False while a job waits for pages."""
-        spent = 0
-        while True:
-            with self._lock:
-                if not self._scores:
-                    return True
-                job = self._scores[0]
-            if not job.started and not job.future.set_running_or_notify_cancel():
-                with self._lock:
-                    self._scores.popleft()
-                continue
-            job.started = True
-            try:
-                while job.results_left and (not spent or spent + job.next_tokens <= self._budget):
-                    spent += job.next_tokens
-                    ctx, cont = job.pairs[len(job.results)]
-                    job.results.append(score_through_pages(self.engine, self.blocks, ctx, cont, self._chunk))
-            except OutOfPagesError:
-                return False
-            except Exception as e:
-                log.exception("score failed")
-                job.future.set_exception(e)
-                with self._lock:
-                    self._scores.popleft()
-                continue
-            if job.results_left:
-                return True  # budget spent: decode steps run before the rest
-            job.future.set_result(list(job.results))
-            with self._lock:
-                self._scores.popleft()
+        return run_score_jobs(self._scores, self._lock, self.engine, self.blocks, self._chunk, self._budget)
 
     def _admit(self) -> None:
         free_rows = [i for i, s in enumerate(self._rows) if s is None]
@@ -432,7 +404,7 @@ class Scheduler:
                 try:
                     first = self.engine.prefill(
                         seq.row, seq.fill[start : start + n], seq.req.sampling,
-                        pages=self.blocks.table(seq), start=start, last=last,
+                        pages=tuple(self.blocks.table(seq)), start=start, last=last,
                     )
                 except Exception as e:
                     log.exception("request_id=%s prefill failed", seq.rid)
@@ -466,7 +438,7 @@ class Scheduler:
         return group
 
     def _prefill_group(self, group: list[Seq]) -> None:
-        items = [(s.row, s.fill[s.prefilled :], s.req.sampling, s.prefilled, self.blocks.table(s)) for s in group]
+        items = [(s.row, s.fill[s.prefilled :], s.req.sampling, s.prefilled, tuple(self.blocks.table(s))) for s in group]
         try:
             firsts = self.engine.prefill_many(items)
         except Exception:
@@ -508,7 +480,7 @@ class Scheduler:
         if not owners:
             return False
         rows = sorted(owners)
-        pages = {r: self.blocks.table(owners[r]) for r in rows}
+        pages = {r: tuple(self.blocks.table(owners[r])) for r in rows}  # snapshots: the tables grow later
         try:
             handle = self.engine.decode(rows, pages, k) if k > 1 else self.engine.decode(rows, pages)
         except Exception as e:

@@ -9,13 +9,17 @@ one context compute the context once (while the pool keeps its pages).
 from __future__ import annotations
 
 import dataclasses
+import logging
+import threading
+from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
-from jaxinfer.blocks import BlockManager
+from jaxinfer.blocks import BlockManager, OutOfPagesError
 from jaxinfer.engine.types import EngineProtocol, ScoreOutput
 
 _SCORE_FIELDS = {f.name for f in dataclasses.fields(ScoreOutput)}
+log = logging.getLogger(__name__)
 
 
 @dataclass(eq=False)
@@ -69,3 +73,41 @@ def score_through_pages(
     return ScoreOutput(
         sum(lps), tuple(lps), greedy, context, continuation, **{k: v for k, v in extra.items() if k in _SCORE_FIELDS}
     )
+
+
+def run_score_jobs(
+    jobs: deque[ScoreJob], lock: threading.Lock, engine: EngineProtocol, blocks: BlockManager, chunk: int, budget: int
+) -> bool:
+    """Run queued jobs, first come first served, pair by pair, up to ``budget`` tokens (at least
+    one pair), so decode steps run between the pairs of a long batch. Returns False while the
+    first job waits for pages (the caller holds admissions until it got them). ``jobs`` is
+    guarded by ``lock``; the rest belongs to the loop thread."""
+    spent = 0
+    while True:
+        with lock:
+            if not jobs:
+                return True
+            job = jobs[0]
+        if not job.started and not job.future.set_running_or_notify_cancel():
+            with lock:
+                jobs.popleft()
+            continue
+        job.started = True
+        try:
+            while job.results_left and (not spent or spent + job.next_tokens <= budget):
+                spent += job.next_tokens
+                ctx, cont = job.pairs[len(job.results)]
+                job.results.append(score_through_pages(engine, blocks, ctx, cont, chunk))
+        except OutOfPagesError:
+            return False
+        except Exception as e:
+            log.exception("score failed")
+            job.future.set_exception(e)
+            with lock:
+                jobs.popleft()
+            continue
+        if job.results_left:
+            return True  # budget spent: decode steps run before the rest
+        job.future.set_result(list(job.results))
+        with lock:
+            jobs.popleft()
