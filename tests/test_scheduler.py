@@ -192,7 +192,8 @@ class FakeEngine:
     def prefill(self, row, tokens, params: SamplingParams, *, pages, start=0, last=True):
         self._on_thread()
         tokens = list(tokens)
-        self.calls.append(("prefill", row, start, len(tokens), last, time.monotonic()))
+        first_piece = 0 <= row < self.max_seqs and self.state[row] is None
+        self.calls.append(("prefill", row, start, len(tokens), last, time.monotonic(), first_piece))
         self._check(0 <= row < self.max_seqs, f"prefill: row {row} out of range")
         self._check(1 <= len(tokens) <= self.prefill_chunk, f"prefill: chunk of {len(tokens)} tokens")
         self._check(start + len(tokens) <= self.max_len, "prefill: past max_len")
@@ -880,6 +881,9 @@ def test_preemption_keeps_every_request_and_its_output():
             s.close()
         assert eng.violations == []
         assert (preempted > 0) == (pages == 12)
+        # a recompute starts after the pages its first run left in the cache, past its prompt
+        resumed = [c[2] for c in eng.calls if c[0] == "prefill" and c[6] and c[2] > 0]
+        assert (pages == 64) or max(resumed) >= 16
     for a, b in zip(runs[64], runs[12]):
         assert (a[0], a[1], a[2].finish_reason, a[2].usage) == (b[0], b[1], b[2].finish_reason, b[2].usage)
     for r, (toks, _, last) in zip(reqs, runs[12]):

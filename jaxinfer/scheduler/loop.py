@@ -497,6 +497,7 @@ class Scheduler:
         """Free a running sequence's row and pages; requeue it first, to be recomputed from its
         prompt + the tokens it generated. Its in-flight tokens are dropped as stale."""
         log.info("request_id=%s preempted at %d generated tokens (pool short of pages)", seq.rid, seq.generated)
+        self.blocks.commit_full_pages(seq, seq.written)  # its recompute will likely find them still cached
         self._release(seq)
         seq.state = WAITING
         seq.preemptions += 1
