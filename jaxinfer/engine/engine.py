@@ -254,12 +254,16 @@ class Engine:
     def _rows_for(self, T: int) -> int:
         return self.prefill_rows if T <= self.prefill_many_limit else 1
 
+    def _widths_before(self) -> tuple[int, ...]:
+        """Page-table widths a prefill may read before its start (start <= max_len - 1)."""
+        top = self._width(self.max_len - 1)
+        return tuple(w for w in self.widths if w <= top)
+
     def variants(self) -> list[tuple]:
         """Every program serving can use: ("prefill", rows, tokens, width) with
         width 0 (nothing before the piece) or a page-table bucket below max_len,
         and ("decode", rows, width, greedy_only, steps)."""
-        widths_before = [w for w in self.widths if w * self.page_size < self.max_len] or [self.widths[0]]
-        todo = [("prefill", self._rows_for(T), T, W) for T in self.prefill_buckets for W in (0, *widths_before)]
+        todo = [("prefill", self._rows_for(T), T, W) for T in self.prefill_buckets for W in (0, *self._widths_before())]
         steps = sorted({1, self.config.decode_steps})
         todo += [("decode", B, W, greedy, k) for k in steps for B in self.decode_batches for W in self.widths
                  for greedy in (True, False)]
@@ -267,7 +271,7 @@ class Engine:
 
     def covering_variants(self) -> list[tuple]:
         """The fewest programs that serve any request: the widest of each kind."""
-        widest_before = max(w for w in (0, *self.widths) if w * self.page_size < self.max_len)
+        widest_before = self._widths_before()[-1]
         out = [("prefill", self._rows_for(self.prefill_chunk), self.prefill_chunk, widest_before)]
         if self.prefill_many_limit:
             out.append(("prefill", self.prefill_rows, self.prefill_many_limit, widest_before))
