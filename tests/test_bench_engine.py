@@ -24,5 +24,5 @@ def test_bench_helpers_time_prefill_and_decode():
     assert math.isfinite(t) and 0 < t < 30
     t = bench_engine.bench_decode(eng, 3, 20, steps=2, repeat=1)
     assert math.isfinite(t) and 0 < t < 30
-    assert eng.last_decode_program[1] == 4  # three rows pad to the 4-row program
+    assert eng.last_decode_program[:2] == ("decode", 4)  # three rows pad to the 4-row program
     assert all(eng.row_length(r) == 0 for r in range(3))  # released

@@ -226,17 +226,22 @@ class Engine:
         rep = NamedSharding(self.mesh, PartitionSpec())
         g, sh, psh = self.graphdef, self._state_sharding, self._pool_sharding
         chunk = self.config.score_chunk
-        self._prefill_jit = jax.jit(lambda p, ds, pool, *a: programs.prefill(g, p, ds, pool, *a, score_chunk=chunk),
-                                    donate_argnums=(1, 2), out_shardings=(sh, psh, rep, rep))
-        self._decode_jit = {
-            (greedy, k): jax.jit(
-                (lambda p, ds, pool, *a, greedy=greedy: programs.decode(g, p, ds, pool, *a, greedy_only=greedy))
-                if k == 1 else
-                (lambda p, ds, pool, *a, greedy=greedy, k=k: programs.decode_k(g, p, ds, pool, *a,
-                                                                              greedy_only=greedy, steps=k)),
-                donate_argnums=(1, 2), out_shardings=(sh, psh, rep))
-            for greedy in (True, False) for k in {1, self.config.decode_steps}
+        self._jits = {
+            "prefill": jax.jit(lambda p, ds, pool, *a: programs.prefill(g, p, ds, pool, *a),
+                               donate_argnums=(1, 2), out_shardings=(sh, psh, rep, rep)),
+            "decode": jax.jit(lambda p, ds, pool, *a: programs.decode(g, p, ds, pool, *a),
+                              donate_argnums=(1, 2), out_shardings=(sh, psh, rep)),
+            "score": jax.jit(lambda p, h, t: programs.score(g, p, h, t, chunk=chunk), out_shardings=rep),
         }
+        for greedy in (True, False):
+            self._jits["sample", greedy] = jax.jit(
+                lambda p, ds, *a, greedy=greedy: programs.sample_rows(g, p, ds, *a, greedy_only=greedy),
+                donate_argnums=1, out_shardings=(sh, rep))
+            k = self.config.decode_steps
+            self._jits["decode_k", greedy] = jax.jit(
+                lambda p, ds, pool, *a, greedy=greedy: programs.decode_k(g, p, ds, pool, *a, greedy_only=greedy,
+                                                                        steps=k),
+                donate_argnums=(1, 2), out_shardings=(sh, psh, rep))
 
     # --- programs ---------------------------------------------------------
 
@@ -260,41 +265,66 @@ class Engine:
         return tuple(w for w in self.widths if w <= top)
 
     def variants(self) -> list[tuple]:
-        """Every program serving can use: ("prefill", rows, tokens, width) with
-        width 0 (nothing before the piece) or a page-table bucket below max_len,
-        and ("decode", rows, width, greedy_only, steps)."""
+        """Every program serving can use:
+
+        * ("prefill", rows, tokens, width): a forward, width 0 (nothing before
+          the piece) or a page-table bucket for a start up to max_len - 1;
+        * ("decode", rows, width): one step's forward;
+        * ("sample", rows, greedy_only): the sampler over that many rows;
+        * ("score", tokens): scores from a prefill's hidden states;
+        * ("decode_k", rows, width, greedy_only) when decode_steps > 1.
+        """
         todo = [("prefill", self._rows_for(T), T, W) for T in self.prefill_buckets for W in (0, *self._widths_before())]
-        steps = sorted({1, self.config.decode_steps})
-        todo += [("decode", B, W, greedy, k) for k in steps for B in self.decode_batches for W in self.widths
-                 for greedy in (True, False)]
+        todo += [("decode", B, W) for B in self.decode_batches for W in self.widths]
+        todo += [("sample", B, greedy) for B in self.decode_batches for greedy in (True, False)]
+        todo += [("score", T) for T in self.prefill_buckets]
+        if self.config.decode_steps > 1:
+            todo += [("decode_k", B, W, greedy) for B in self.decode_batches for W in self.widths
+                     for greedy in (True, False)]
         return todo
 
     def covering_variants(self) -> list[tuple]:
-        """The fewest programs that serve any request: the widest of each kind."""
-        widest_before = self._widths_before()[-1]
-        out = [("prefill", self._rows_for(self.prefill_chunk), self.prefill_chunk, widest_before)]
+        """The fewest programs that serve any call: the widest of each kind."""
+        wide = self._widths_before()[-1]
+        out = [("prefill", self._rows_for(self.prefill_chunk), self.prefill_chunk, wide),
+               ("decode", self.max_seqs, self.widths[-1]), ("sample", self.max_seqs, False),
+               ("score", self.prefill_chunk)]
         if self.prefill_many_limit:
-            out.append(("prefill", self.prefill_rows, self.prefill_many_limit, widest_before))
-        out += [("decode", self.max_seqs, self.widths[-1], False, k) for k in sorted({1, self.config.decode_steps})]
+            out.append(("prefill", self.prefill_rows, self.prefill_many_limit, wide))
+        if self.config.decode_steps > 1:
+            out.append(("decode_k", self.max_seqs, self.widths[-1], False))
         return out
 
     def _example_args(self, key: tuple):
-        R = self.max_seqs
-        if key[0] == "prefill":
+        R, D = self.max_seqs, self.cfg.hidden_size
+        i32 = lambda *s: np.zeros(s, np.int32)  # noqa: E731
+        kind = key[0]
+        if kind == "prefill":
             _, P, T, W = key
             samp = SlotSampling(**{k: np.stack([v] * P) for k, v in SlotSampling.host_row(SamplingParams(), 0).items()})
-            i32 = lambda *s: np.zeros(s, np.int32)  # noqa: E731
-            return (i32(P, T), i32(P), np.ones(P, np.int32), i32(P, T), i32(P, W), np.full(P, R, np.int32), samp,
-                    np.zeros(P, np.bool_), np.zeros(P, np.bool_), i32(T), np.bool_(False))
-        _, B, W, _, _ = key
-        return (np.zeros(B, np.int32), np.zeros(B, np.bool_), np.zeros((B, W), np.int32), np.bool_(False))
+            return (self.params, self.state, self.pool, i32(P, T), i32(P), np.ones(P, np.int32), i32(P, T),
+                    i32(P, W), np.full(P, R, np.int32), samp, np.ones(P, np.bool_))
+        if kind == "decode":
+            _, B, W = key
+            return self.params, self.state, self.pool, i32(B), np.zeros(B, np.bool_), i32(B, W)
+        if kind == "decode_k":
+            _, B, W, _ = key
+            return self.params, self.state, self.pool, i32(B), np.zeros(B, np.bool_), i32(B, W), np.bool_(False)
+        if kind == "sample":
+            _, B, _ = key
+            hidden = jax.ShapeDtypeStruct((B, D), self.dtype)
+            return self.params, self.state, hidden, i32(B), np.zeros(B, np.bool_), np.bool_(False)
+        _, T = key
+        return self.params, jax.ShapeDtypeStruct((T, D), self.dtype), i32(T)
 
     def _jit_of(self, key: tuple):
-        return self._prefill_jit if key[0] == "prefill" else self._decode_jit[key[3], key[4]]
+        if key[0] in ("sample", "decode_k"):
+            return self._jits[key[0], key[-1]]
+        return self._jits[key[0]]
 
     def _compile_one(self, key: tuple) -> None:
         t0 = time.perf_counter()
-        exe = self._jit_of(key).lower(self.params, self.state, self.pool, *self._example_args(key)).compile()
+        exe = self._jit_of(key).lower(*self._example_args(key)).compile()
         with self._lock:
             self._compiled[key] = exe
             self.compile_seconds[" ".join(map(str, key))] = time.perf_counter() - t0
@@ -329,31 +359,48 @@ class Engine:
     @staticmethod
     def _fits(have: tuple, want: tuple) -> bool:
         """Program ``have`` can run a call that needs ``want``: at least as many
-        rows, tokens and pages; the same step count; a greedy-only call may run
-        the general sampler, not the other way round."""
+        rows, tokens and pages (they only pad more); a greedy-only call may run
+        the general sampler, not the other way round; scores need their exact
+        token count (the hidden states come from a forward of that count)."""
         if have[0] != want[0]:
             return False
-        if have[0] == "prefill":
-            return all(a >= b for a, b in zip(have[1:], want[1:]))
-        (_, hb, hw, hg, hk), (_, wb, ww, wg, wk) = have, want
-        return hb >= wb and hw >= ww and hk == wk and (hg == wg or not hg)
+        kind = have[0]
+        if kind == "score":
+            return have == want
+        if kind in ("sample", "decode_k"):
+            sizes_ok = all(a >= b for a, b in zip(have[1:-1], want[1:-1]))
+            return sizes_ok and (have[-1] == want[-1] or not have[-1])
+        return all(a >= b for a, b in zip(have[1:], want[1:]))
 
     def _exe(self, key: tuple):
         """The program for ``key``: its own if compiled, else the smallest
-        compiled one whose every dimension is at least as large (a wider
-        table, more tokens or rows only pad more)."""
+        compiled one that can run the call (see :meth:`_fits`)."""
         with self._lock:
             exe = self._compiled.get(key)
             if exe is not None:
                 return key, exe
             fits = [k for k in self._compiled if self._fits(k, key)]
             if fits:
-                best = min(fits, key=lambda k: (k[1:4] if k[0] == "prefill" else (k[1], k[2], not k[3])))
+                best = min(fits, key=lambda k: tuple(not x if isinstance(x, bool) else x for x in k[1:]))
                 return best, self._compiled[best]
         if not self.config.lazy_compile:
             raise RuntimeError(f"engine program {key} was not compiled; call Engine.compile() before serving")
         self._compile_one(key)
         return key, self._compiled[key]
+
+    def _sample(self, hidden, rows: Sequence[int], width: int, greedy: bool, want_top: bool) -> Sampled:
+        """Run the sampler over ``rows`` (padded to a compiled row count >= width)."""
+        key, exe = self._exe(("sample", width, greedy))
+        B = key[1]
+        rows_a = np.full(B, self.max_seqs, np.int32)
+        rows_a[: len(rows)] = rows
+        active = np.zeros(B, np.bool_)
+        active[: len(rows)] = True
+        if hidden.shape[0] < B:  # a prefill's few rows, or a decode before its own sampler is compiled
+            host = np.asarray(hidden)
+            hidden = np.concatenate([host, np.zeros((B - host.shape[0], host.shape[1]), host.dtype)])
+        self.state, out = exe(self.params, self.state, hidden, rows_a, active, np.bool_(want_top))
+        return out
 
     # --- host-side checks ----------------------------------------------------
 
@@ -411,6 +458,8 @@ class Engine:
             self._check_pages(pages, start + n, "prefill")
         T = _round_up(max(len(p[1]) for p in pieces), self.prefill_buckets, "prefill length")
         W = self._width(max(p[3] for p in pieces))
+        if targets is not None:  # a forward of exactly the token count of a compiled score head
+            T = self._score_tokens(T, W)
         want = ("prefill", self._rows_for(T) if len(pieces) > 1 else 1, T, W)
         key, exe = self._exe(want)
         _, P, T, W = key
@@ -421,12 +470,12 @@ class Engine:
         write_at = np.full((P, T), trash * ps, np.int32)
         table = np.full((P, W), trash, np.int32)
         rows_a = np.full(P, self.max_seqs, np.int32)
-        last_a, fresh = np.zeros(P, np.bool_), np.ones(P, np.bool_)
+        fresh = np.ones(P, np.bool_)
         samp_rows = [SlotSampling.host_row(SamplingParams(), 0)] * P
         for i, (row, toks, params, start, pages, last) in enumerate(pieces):
             n = len(toks)
             tokens[i, :n] = toks
-            start_a[i], n_a[i], last_a[i] = start, n, last
+            start_a[i], n_a[i] = start, n
             pos = np.arange(start, start + n)
             pg = np.asarray(pages, np.int64)
             write_at[i, :n] = pg[pos // ps] * ps + pos % ps
@@ -438,11 +487,8 @@ class Engine:
                 seed = params.seed if params.seed is not None else int(self._seeds.integers(0, 2**63))
                 samp_rows[i] = SlotSampling.host_row(params, seed)
         samp = SlotSampling(**{k: np.stack([r[k] for r in samp_rows]) for k in samp_rows[0]})
-        tgt = np.zeros(T, np.int32)
-        if targets is not None:
-            tgt[: len(targets)] = targets
-        self.state, self.pool, out, scores = exe(self.params, self.state, self.pool, tokens, start_a, n_a, write_at,
-                                                 table, rows_a, samp, last_a, fresh, tgt, np.bool_(targets is not None))
+        self.state, self.pool, last_h, hidden0 = exe(self.params, self.state, self.pool, tokens, start_a, n_a,
+                                                     write_at, table, rows_a, samp, fresh)
         for row, toks, params, start, pages, last in pieces:
             if row is None:
                 continue
@@ -454,9 +500,31 @@ class Engine:
             self._want_top[row] = params.logprobs
             self._sampled[row] = params.temperature > 0
         if targets is not None:
-            return scores
-        res = _Step(out, range(len(pieces)), {i: p[2].logprobs for i, p in enumerate(pieces)}, 1).result()
-        return [res[i] for i in range(len(pieces))]
+            tgt = np.zeros(T, np.int32)
+            tgt[: len(targets)] = targets
+            return self._exe(("score", T))[1](self.params, hidden0, tgt)
+        armed = [i for i, p in enumerate(pieces) if p[5]]  # pieces that end their prompt are sampled
+        if not armed:
+            return []
+        greedy = all(pieces[i][2].temperature == 0 for i in armed)
+        want_top = any(pieces[i][2].logprobs for i in armed)
+        if armed != list(range(len(armed))):
+            raise ValueError("prefill_many: every piece must end its prompt")
+        out = self._sample(last_h, [pieces[i][0] for i in armed], P, greedy, want_top)
+        res = _Step(out, armed, {i: pieces[i][2].logprobs for i in armed}, 1).result()
+        return [res[i] for i in armed]
+
+    def _score_tokens(self, T: int, W: int) -> int:
+        """The smallest token count >= T with a compiled score head and a
+        compiled one-piece forward of exactly that count reading >= W pages."""
+        with self._lock:
+            for t in self.prefill_buckets:
+                if t >= T and ("score", t) in self._compiled and any(
+                        k[0] == "prefill" and k[2] == t and k[3] >= W for k in self._compiled):
+                    return t
+        if self.config.lazy_compile:
+            return T
+        raise RuntimeError(f"no compiled score program takes {T} tokens; call Engine.compile() before serving")
 
     def decode(self, rows: Sequence[int], pages, steps: int = 1) -> _Step:
         """Dispatch ``steps`` decode steps for ``rows`` (pages[row]: the row's
@@ -475,9 +543,10 @@ class Engine:
             self._check_pages(pages[r], end, f"decode row {r}")
         B = _round_up(len(rows), self.decode_batches, "decode rows")
         W = self._width(max(int(self._host_len[r]) + steps for r in rows))
-        greedy = not any(self._sampled[rows])
-        key, exe = self._exe(("decode", B, W, greedy, steps))
-        _, B, W, _, _ = key
+        greedy = bool(not any(self._sampled[rows]))
+        want_top = any(self._want_top.get(r, 0) > 0 for r in rows)
+        key, exe = self._exe(("decode", B, W) if steps == 1 else ("decode_k", B, W, greedy))
+        B, W = key[1], key[2]
         rows_a = np.full(B, self.max_seqs, np.int32)
         rows_a[: len(rows)] = rows
         active = np.zeros(B, np.bool_)
@@ -486,9 +555,13 @@ class Engine:
         for i, r in enumerate(rows):
             pg = list(pages[r])[:W]
             table[i, : len(pg)] = pg
-        want_top = np.bool_(any(self._want_top.get(r, 0) > 0 for r in rows))
         self.last_decode_program = key
-        self.state, self.pool, out = exe(self.params, self.state, self.pool, rows_a, active, table, want_top)
+        if steps == 1:
+            self.state, self.pool, hidden = exe(self.params, self.state, self.pool, rows_a, active, table)
+            out = self._sample(hidden, rows, B, greedy, want_top)
+        else:
+            self.state, self.pool, out = exe(self.params, self.state, self.pool, rows_a, active, table,
+                                             np.bool_(want_top))
         self._host_len[rows] += steps
         return _Step(out, rows, dict(self._want_top), steps)
 

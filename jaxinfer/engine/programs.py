@@ -1,4 +1,4 @@
-"""The engine's compiled functions, pure: prefill (with scoring) and decode.
+"""The engine's compiled functions, pure: the forwards and the heads.
 
 Each takes the weights, the per-row decode state and the KV pool, and returns
 the new state and pool (both donated) with its outputs. The model is one
@@ -6,19 +6,26 @@ the new state and pool (both donated) with its outputs. The model is one
 :class:`~jaxinfer.engine.pages.PagedContext`; nothing here knows the host-side
 bookkeeping (which rows and pages are whose).
 
+The forwards (one program per shape bucket) write K/V and return hidden
+states; the heads (one program per row count) turn them into tokens or
+scores. The sampler is most of a program's compile time (on CPU about 9 s of
+a SmolLM2 decode program's 13 s), so it lives in few programs, not in every
+(rows, tokens, pages) variant.
+
 * ``prefill``: P pieces of T tokens, each at its own offset ``start`` with its
-  earlier positions read through a table of W pages (W = 0 for a fresh prompt).
-  It samples each piece's next token and arms the piece's decode row. With
-  ``want_scores`` (a traced flag, skipped at run time when off) it also returns
-  the log-probability of given targets at every position of the first piece,
-  with the greedy token and its log-probability there (the Score call).
-* ``decode``: one step for Rb rows (any rows, by index; padding rows inactive),
-  each reading its table of W pages; ``decode_k`` runs k of those in one
-  device loop, feeding each step's tokens to the next.
+  earlier positions read through a table of W pages (W = 0 for a fresh
+  prompt); it arms the pieces' rows (length, sampling parameters, penalty
+  state). ``sample_rows`` then samples the pieces that end a prompt.
+* ``decode``: one step's forward for Rb rows (any rows, by index; padding
+  rows inactive), each reading its table of W pages; ``sample_rows`` samples.
+  ``decode_k`` runs k forward + sample steps in one device loop.
+* ``score``: log p(target) at every position of a piece, from ``prefill``'s
+  hidden states, with the greedy token and its log-probability.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import jax
@@ -77,13 +84,15 @@ def score_positions(model, hidden, targets, chunk: int) -> Scores:
 
 
 def prefill(graphdef, params, ds: DecodeState, pool: KVPool, tokens, start, n, write_at, table, rows,
-            samp: SlotSampling, last, fresh, targets, want_scores, *, score_chunk: int):
-    """tokens, write_at [P, T]; start, n, rows, last, fresh [P]; table [P, W];
-    targets [T] (for the first piece, used when want_scores). ``fresh``: the
-    row's penalty state starts over (a prompt's first piece, or a piece after a
-    cached prefix); else it carries on from the row's earlier piece. Padding
-    pieces have n = 1, row R (out of range: their state writes are dropped) and
-    trash slots."""
+            samp: SlotSampling, fresh):
+    """The forward of P pieces: tokens, write_at [P, T]; start, n, rows, fresh
+    [P]; table [P, W]. Writes the pieces' K/V and sets their rows' length
+    (start + n), sampling parameters and penalty state: ``fresh`` starts the
+    latter over (a prompt's first piece, or a piece after a cached prefix),
+    else it carries on from the row's earlier piece. Padding pieces have n = 1,
+    row R (out of range: their state writes are dropped) and trash slots.
+    Returns the state, the pool, each piece's last hidden state [P, D] and the
+    first piece's hidden states [T, D] (for scoring)."""
     model = nnx.merge(graphdef, params)
     P, T = tokens.shape
     R, V = ds.counts.shape
@@ -91,58 +100,70 @@ def prefill(graphdef, params, ds: DecodeState, pool: KVPool, tokens, start, n, w
     valid = idx < n[:, None]
     positions = start[:, None] + idx
     hidden, ctx = model(tokens, positions, PagedContext(pool, table, start, write_at))
-
     last_h = jnp.take_along_axis(hidden, (n - 1)[:, None, None], axis=1)[:, 0]
     fresh = fresh[:, None]
     seen = jnp.where(fresh, False, jnp.take(ds.seen, rows, axis=0, mode="clip"))
     seen = seen.at[jnp.arange(P)[:, None], jnp.where(valid, tokens, V)].set(True, mode="drop")
     counts = jnp.where(fresh, 0, jnp.take(ds.counts, rows, axis=0, mode="clip"))
-    out = sample(model.logits(last_h), samp, counts, seen, start + n)
-    armed = jnp.where(last, rows, R)  # only a prompt's last piece arms its row
-    counts = counts.at[jnp.arange(P), out.token].add(last.astype(jnp.int32))
-    seen = seen.at[jnp.arange(P), out.token].set(seen[jnp.arange(P), out.token] | last)
     ds = DecodeState(
-        tokens=ds.tokens.at[armed].set(out.token, mode="drop"),
-        lengths=ds.lengths.at[armed].set(start + n, mode="drop"),
-        sampling=jax.tree.map(lambda a, r: a.at[armed].set(r, mode="drop"), ds.sampling, samp),
+        tokens=ds.tokens,
+        lengths=ds.lengths.at[rows].set(start + n, mode="drop"),
+        sampling=jax.tree.map(lambda a, r: a.at[rows].set(r, mode="drop"), ds.sampling, samp),
         counts=ds.counts.at[rows].set(counts, mode="drop"),
         seen=ds.seen.at[rows].set(seen, mode="drop"),
     )
-    empty = Scores(jnp.zeros((T,), F32), jnp.zeros((T,), jnp.int32), jnp.zeros((T,), F32))
-    scores = jax.lax.cond(want_scores, lambda h: score_positions(model, h, targets, score_chunk),
-                          lambda h: empty, hidden[0])
-    return ds, ctx.pool, out, scores
+    return ds, ctx.pool, last_h, hidden[0]
 
 
-def decode(graphdef, params, ds: DecodeState, pool: KVPool, rows, active, table, want_top, *, greedy_only: bool):
-    """One step for rows [Rb] (active [Rb] bool; inactive rows write to the
-    trash page and keep their state) through tables [Rb, W] that cover each
-    row's next position."""
+def decode(graphdef, params, ds: DecodeState, pool: KVPool, rows, active, table):
+    """The forward of one decode step for rows [Rb] (active [Rb] bool; inactive
+    rows write to the trash page and keep their state) through tables [Rb, W]
+    covering each row's next position. Advances the rows' lengths; returns the
+    state, the pool and the hidden states [Rb, D] for :func:`sample_rows`."""
+    model = nnx.merge(graphdef, params)
+    R = ds.tokens.shape[0]
+    rows = jnp.where(active, rows, R)
+    lengths = jnp.take(ds.lengths, rows, mode="clip")
+    positions = lengths[:, None]
+    write_at = jnp.where(active[:, None], slots_of(table, positions, pool.page_size), pool.trash_slot)
+    tokens = jnp.take(ds.tokens, rows, mode="clip")[:, None]
+    hidden, ctx = model(tokens, positions, PagedContext(pool, table, lengths, write_at))
+    ds = dataclasses.replace(ds, lengths=ds.lengths.at[rows].add(1, mode="drop"))
+    return ds, ctx.pool, hidden[:, 0]
+
+
+def sample_rows(graphdef, params, ds: DecodeState, hidden, rows, active, want_top, *, greedy_only: bool):
+    """Sample the next token of rows [B] from their hidden states [B, D] with
+    their own parameters, make it their next decode input and count it.
+    Inactive rows are sampled but change nothing. The random key of a row
+    mixes its seed with its length (the position the token will occupy)."""
     model = nnx.merge(graphdef, params)
     R = ds.tokens.shape[0]
     rows = jnp.where(active, rows, R)
     take = lambda a: jnp.take(a, rows, axis=0, mode="clip")  # noqa: E731
-    tokens, lengths = take(ds.tokens), take(ds.lengths)
-    positions = lengths[:, None]
-    write_at = jnp.where(active[:, None], slots_of(table, positions, pool.page_size), pool.trash_slot)
-    hidden, ctx = model(tokens[:, None], positions, PagedContext(pool, table, lengths, write_at))
-    counts, seen = take(ds.counts), take(ds.seen)
-    out = sample(model.logits(hidden[:, 0]), jax.tree.map(take, ds.sampling), counts, seen, lengths + 1,
-                 greedy_only=greedy_only, want_top=want_top)
-    ds = DecodeState(
+    out = sample(model.logits(hidden), jax.tree.map(take, ds.sampling), take(ds.counts), take(ds.seen),
+                 take(ds.lengths), greedy_only=greedy_only, want_top=want_top)
+    ds = dataclasses.replace(
+        ds,
         tokens=ds.tokens.at[rows].set(out.token, mode="drop"),
-        lengths=ds.lengths.at[rows].add(1, mode="drop"),
-        sampling=ds.sampling,
         counts=ds.counts.at[rows, out.token].add(1, mode="drop"),
         seen=ds.seen.at[rows, out.token].set(True, mode="drop"),
     )
-    return ds, ctx.pool, out
+    return ds, out
+
+
+def score(graphdef, params, hidden, targets, *, chunk: int) -> Scores:
+    """Scores of one piece from its hidden states [T, D] (``prefill``'s second output)."""
+    return score_positions(nnx.merge(graphdef, params), hidden, targets, chunk)
 
 
 def decode_k(graphdef, params, ds, pool, rows, active, table, want_top, *, greedy_only: bool, steps: int):
-    """``steps`` decode steps in one program (a device loop); outputs stacked on a leading [steps] axis."""
+    """``steps`` decode steps (forward and sampling) in one program, a device
+    loop; the outputs stacked on a leading [steps] axis."""
     def one(ds, pool):
-        return decode(graphdef, params, ds, pool, rows, active, table, want_top, greedy_only=greedy_only)
+        ds, pool, hidden = decode(graphdef, params, ds, pool, rows, active, table)
+        ds, out = sample_rows(graphdef, params, ds, hidden, rows, active, want_top, greedy_only=greedy_only)
+        return ds, pool, out
 
     shapes = jax.eval_shape(one, ds, pool)[2]
     outs = jax.tree.map(lambda a: jnp.zeros((steps, *a.shape), a.dtype), shapes)
@@ -155,4 +176,4 @@ def decode_k(graphdef, params, ds, pool, rows, active, table, want_top, *, greed
     return jax.lax.fori_loop(0, steps, body, (ds, pool, outs))
 
 
-__all__ = ["DecodeState", "Scores", "Sampled", "prefill", "decode", "decode_k", "score_positions"]
+__all__ = ["DecodeState", "Scores", "Sampled", "prefill", "decode", "sample_rows", "score", "decode_k"]
