@@ -191,6 +191,7 @@ def main(argv=None) -> int:
             "greedy_outputs_equal": same,
             "target": "ttft_p50_ratio <= 0.20",
         }
+        Path(args.json).write_text(json.dumps(report, indent=2))  # each part as soon as it is measured
 
     if parts & {"memory", "preempt"}:
         reqs = [Request(tuple(rng.randrange(100, V) for _ in range(args.memory_prompt + rng.randrange(-8, 9))),
@@ -199,6 +200,7 @@ def main(argv=None) -> int:
         report["memory"] = {k: v for k, v in big.items() if k != "outputs"}
         report["memory"]["pool_tokens"] = engine.num_pages * engine.page_size
         report["memory"]["target"] = f"peak_active_seqs == {args.requests}, preemptions == 0, rejected == 0"
+        Path(args.json).write_text(json.dumps(report, indent=2))
         if "preempt" in parts:
             small_engine = build_engine(args, args.small_pool_tokens, max_len=min(max_len, args.small_pool_tokens))
             small = run_requests(small_engine, reqs, prefix_cache=True)
