@@ -93,11 +93,11 @@ def build_engine(args, pool_tokens: int, max_len: int):
     return engine
 
 
-def run_requests(engine, reqs: list[Request], *, prefix_cache: bool) -> dict:
+def run_requests(engine, reqs: list[Request], *, prefix_cache: bool, vocab_size: int) -> dict:
     """Queue every request at once; collect tokens, TTFTs, peak concurrency and page metrics."""
     metrics = Metrics()
     limits = SchedulerLimits(max_queue_requests=len(reqs) + 1, max_queue_tokens=1 << 40, prefix_cache=prefix_cache)
-    s = Scheduler(engine, _Tok(engine.cfg.vocab_size), limits, metrics=metrics, detokenizer=_NoText).start()
+    s = Scheduler(engine, _Tok(vocab_size), limits, metrics=metrics, detokenizer=_NoText).start()
     peak = {"seqs": 0, "pages": 0}
     done = threading.Event()
 
@@ -181,8 +181,8 @@ def main(argv=None) -> int:
         system = tuple(rng.randrange(100, V) for _ in range(args.prefix))
         reqs = [Request(system + tuple(rng.randrange(100, V) for _ in range(args.suffix)), args.output, greedy,
                         ignore_eos=True) for _ in range(args.requests)]
-        off = run_requests(engine, reqs, prefix_cache=False)
-        on = run_requests(engine, reqs, prefix_cache=True)
+        off = run_requests(engine, reqs, prefix_cache=False, vocab_size=V)
+        on = run_requests(engine, reqs, prefix_cache=True, vocab_size=V)
         same = off["outputs"] == on["outputs"]
         report["shared_prefix"] = {
             "without": {k: v for k, v in off.items() if k != "outputs"},
@@ -196,14 +196,14 @@ def main(argv=None) -> int:
     if parts & {"memory", "preempt"}:
         reqs = [Request(tuple(rng.randrange(100, V) for _ in range(args.memory_prompt + rng.randrange(-8, 9))),
                         args.output, greedy, ignore_eos=True) for _ in range(args.requests)]
-        big = run_requests(engine, reqs, prefix_cache=True)
+        big = run_requests(engine, reqs, prefix_cache=True, vocab_size=V)
         report["memory"] = {k: v for k, v in big.items() if k != "outputs"}
         report["memory"]["pool_tokens"] = engine.num_pages * engine.page_size
         report["memory"]["target"] = f"peak_active_seqs == {args.requests}, preemptions == 0, rejected == 0"
         Path(args.json).write_text(json.dumps(report, indent=2))
         if "preempt" in parts:
             small_engine = build_engine(args, args.small_pool_tokens, max_len=min(max_len, args.small_pool_tokens))
-            small = run_requests(small_engine, reqs, prefix_cache=True)
+            small = run_requests(small_engine, reqs, prefix_cache=True, vocab_size=V)
             report["small_pool"] = {k: v for k, v in small.items() if k != "outputs"}
             report["small_pool"]["pool_tokens"] = small_engine.num_pages * small_engine.page_size
             report["small_pool"]["greedy_outputs_equal_big_pool"] = small["outputs"] == big["outputs"]
