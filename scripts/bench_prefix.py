@@ -87,8 +87,9 @@ def build_engine(args, pool_tokens: int, max_len: int):
                           kv_cache_bytes=pool_tokens * per_token, lazy_compile=True)
     engine = make(config)
     t0 = time.perf_counter()
-    # every greedy program serving can pick, compiled before any timing (nothing compiles on a request's path)
-    engine.compile([v for v in engine.variants() if not (v[0] == "decode" and not v[3])], progress=False)
+    # every program a greedy request can pick, compiled before any timing (nothing compiles on a
+    # request's path): the variants whose last field (greedy_only) is not False, scoring left out
+    engine.compile([v for v in engine.variants() if v[0] != "score" and v[-1] is not False], progress=False)
     print(f"# {engine.describe()} (compiled in {time.perf_counter() - t0:.1f}s)", flush=True)
     return engine
 
