@@ -15,7 +15,6 @@ from __future__ import annotations
 import random
 import threading
 import time
-from dataclasses import dataclass
 from typing import Sequence
 
 import pytest
@@ -100,15 +99,6 @@ def logprob_of(seq: Sequence[int]) -> float:
 
 def slot_token(t: int, n_top: int, lp: float = LOGPROB) -> SlotToken:
     return SlotToken(t, lp, tuple((t + i) % V for i in range(n_top)), tuple(lp - i for i in range(n_top)))
-
-
-@dataclass(frozen=True)
-class FakeScore:
-    """What the scheduler reads of an engine's ScoreOutput for one piece."""
-
-    token_logprobs: tuple[float, ...]
-    top_ids: tuple[int, ...]
-    top_logprobs: tuple[float, ...]
 
 
 class FakeHandle:
@@ -245,7 +235,7 @@ class FakeEngine:
         self.calls.append(("release", row, time.monotonic()))
         self.state[row] = None
 
-    def score(self, tokens, targets, *, pages, start=0) -> FakeScore:
+    def score(self, tokens, targets, *, pages, start=0) -> ScoreOutput:
         self._on_thread()
         tokens, targets = list(tokens), list(targets)
         self.calls.append(("score", start, len(tokens), time.monotonic()))
@@ -258,7 +248,8 @@ class FakeEngine:
         self.score_reads.append(tuple(seq))
         tops = [next_token(seq[start + i]) for i in range(len(tokens))]
         lps = [-1.0 if tgt == top else -5.0 for tgt, top in zip(targets, tops)]
-        return FakeScore(tuple(lps), tuple(tops), tuple(-1.0 for _ in tops))
+        return ScoreOutput(sum(lps), tuple(lps), tops == targets, tuple(tokens), tuple(targets), tuple(tops),
+                           tuple(-1.0 for _ in tops))
 
     def active_rows(self) -> int:
         return sum(s is not None for s in self.state)
