@@ -8,8 +8,8 @@ Every process runs ``jaxinfer serve`` with the same flags plus its process id:
 * the mesh spans every process's devices and each process restores only its own shards
   of the checkpoint (``load_checkpoint(path, mesh=global_mesh)``);
 * process 0 serves gRPC and runs the scheduler over a :class:`LockstepEngine`: every
-  engine call (prefill with its tokens and sampling parameters, decode with its active
-  slots, release, score) is first broadcast to the other processes as a fixed-size int32
+  engine call (prefill with its tokens, pages and sampling parameters, decode with its
+  rows and their page tables, release, score) is first broadcast to the other processes as a fixed-size int32
   command with ``jax.experimental.multihost_utils.broadcast_one_to_all``, then run;
 * the other processes run :func:`follow`: receive a command, make the same engine call,
   until process 0 sends STOP. So every process dispatches the same compiled programs in
@@ -29,6 +29,7 @@ long enough to hit XLA's CPU collective timeout (30 minutes).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import enum
 import logging
 import os
@@ -37,7 +38,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import jax
 import numpy as np
@@ -223,7 +224,7 @@ class Op(enum.IntEnum):
 
 
 # Header layout (int32). Floats travel as their float32 bits; the 64-bit seed as two words.
-_OP, _SEQ, _PAYLOAD, _SLOT, _START, _LAST, _SPLIT = range(7)
+_OP, _SEQ, _PAYLOAD, _ROW, _START, _LAST, _STEPS = range(7)
 _PARAMS = 7  # SamplingParams from here: 2 ints, 6 floats, has_seed, 2 seed words
 _INT_FIELDS = ("top_k", "logprobs")
 _FLOAT_FIELDS = (
@@ -255,35 +256,86 @@ def _payload_bucket(n: int) -> int:
     return max(64, 1 << max(0, n - 1).bit_length())
 
 
+def _pack_lists(lists: Sequence[Sequence[int]]) -> np.ndarray:
+    """[count, len_0 .. len_k-1, items of list 0, items of list 1, ...]."""
+    flat = [len(lists), *(len(x) for x in lists)]
+    for x in lists:
+        flat.extend(int(v) for v in x)
+    return np.asarray(flat, np.int32)
+
+
+def _unpack_lists(a: np.ndarray) -> list[tuple[int, ...]]:
+    k = int(a[0])
+    lens, at, out = a[1 : 1 + k], 1 + k, []
+    for n in lens:
+        out.append(tuple(int(v) for v in a[at : at + n]))
+        at += int(n)
+    return out
+
+
 @dataclass
 class Command:
     op: Op
     seq: int = 0  # set by the channel: followers check that none was missed
-    slot: int = 0
-    start: int = 0
-    last: bool = True
-    split: int = 0  # score: context length within the payload
-    params: SamplingParams | None = None
-    tokens: tuple[int, ...] = ()
-    active: tuple[int, ...] = ()  # decode
-    released: tuple[int, ...] = ()  # slots released since the previous command
+    row: int = 0  # prefill
+    start: int = 0  # prefill, score
+    last: bool = True  # prefill
+    steps: int = 1  # decode
+    params: SamplingParams | None = None  # prefill
+    tokens: tuple[int, ...] = ()  # prefill, score
+    targets: tuple[int, ...] = ()  # score
+    pages: tuple[tuple[int, ...], ...] = ()  # prefill, score: one table; decode: one per row
+    rows: tuple[int, ...] = ()  # decode
+    released: tuple[int, ...] = ()  # rows released since the previous command
+
+    def lists(self) -> list[tuple[int, ...]]:
+        if self.op == Op.PREFILL:
+            return [self.tokens, *self.pages]
+        if self.op == Op.SCORE:
+            return [self.tokens, self.targets, *self.pages]
+        if self.op == Op.DECODE:
+            return [self.rows, *self.pages]
+        return []
+
+    def with_lists(self, lists: list[tuple[int, ...]]) -> "Command":
+        if self.op == Op.PREFILL:
+            return dataclasses.replace(self, tokens=lists[0], pages=tuple(lists[1:]))
+        if self.op == Op.SCORE:
+            return dataclasses.replace(self, tokens=lists[0], targets=lists[1], pages=tuple(lists[2:]))
+        if self.op == Op.DECODE:
+            return dataclasses.replace(self, rows=lists[0], pages=tuple(lists[1:]))
+        return self
+
+
+def payload_limit(max_seqs: int, max_len: int, page_size: int, prefill_chunk: int) -> int:
+    """The longest payload an engine of this shape sends (a decode of every row
+    with full page tables, or a score piece with its targets and pages)."""
+    pages = -(-max_len // page_size)
+    decode = 2 + 2 * max_seqs + max_seqs * pages
+    score = 4 + 2 * prefill_chunk + pages
+    return max(decode, score)
 
 
 class Channel:
     """Commands from process 0 to every process, over JAX's own collectives: a fixed-size
-    header (op, fields, then a mask of active slots and one of released slots), and for
-    PREFILL / SCORE a second broadcast of the token ids, padded to a power of two."""
+    header (op, fields, then a mask of released rows), and a second broadcast of the
+    command's integer lists (tokens, targets, rows, page tables), padded to a power of two."""
 
-    def __init__(self, num_slots: int, max_tokens: int) -> None:
+    def __init__(self, num_rows: int, max_payload: int) -> None:
         self._broadcast = multihost_utils.broadcast_one_to_all
         self.is_source = jax.process_index() == 0
-        self.num_slots = num_slots
-        self.size = _HEAD + 2 * num_slots
-        top = _payload_bucket(max_tokens)
+        self.num_rows = num_rows
+        self.size = _HEAD + num_rows
+        top = _payload_bucket(max_payload)
         self.buckets = [b for b in (1 << k for k in range(6, top.bit_length())) if b <= top]
         self.seq = 0
         self.count = 0  # broadcasts made
         self.seconds = 0.0  # spent in them
+
+    @classmethod
+    def for_engine(cls, engine) -> "Channel":
+        return cls(engine.max_seqs, payload_limit(engine.max_seqs, engine.max_len, engine.page_size,
+                                                  engine.prefill_chunk))
 
     def _bcast(self, a: np.ndarray) -> np.ndarray:
         t0 = time.perf_counter()
@@ -303,19 +355,19 @@ class Channel:
         if not self.is_source:
             raise RuntimeError("only process 0 sends commands")
         self.seq += 1
+        payload = _pack_lists(cmd.lists()) if cmd.lists() else np.zeros(0, np.int32)
         head = np.zeros(self.size, np.int32)
-        head[[_OP, _SEQ, _PAYLOAD, _SLOT, _START, _LAST, _SPLIT]] = [
-            cmd.op, self.seq, len(cmd.tokens), cmd.slot, cmd.start, int(cmd.last), cmd.split,
+        head[[_OP, _SEQ, _PAYLOAD, _ROW, _START, _LAST, _STEPS]] = [
+            cmd.op, self.seq, len(payload), cmd.row, cmd.start, int(cmd.last), cmd.steps,
         ]
         if cmd.params is not None:
             head[_PARAMS:_HEAD] = _pack_params(cmd.params)
-        head[[_HEAD + s for s in cmd.active]] = 1
-        head[[_HEAD + self.num_slots + s for s in cmd.released]] = 1
+        head[[_HEAD + r for r in cmd.released]] = 1
         self._bcast(head)
-        if cmd.tokens:
-            payload = np.zeros(_payload_bucket(len(cmd.tokens)), np.int32)
-            payload[: len(cmd.tokens)] = cmd.tokens
-            self._bcast(payload)
+        if len(payload):
+            padded = np.zeros(_payload_bucket(len(payload)), np.int32)
+            padded[: len(payload)] = payload
+            self._bcast(padded)
 
     def recv(self) -> Command:
         if self.is_source:
@@ -325,21 +377,19 @@ class Channel:
         if int(head[_SEQ]) != self.seq:
             raise RuntimeError(f"lockstep lost: expected command {self.seq}, got {int(head[_SEQ])}")
         n = int(head[_PAYLOAD])
-        tokens = tuple(int(t) for t in self._bcast(np.zeros(_payload_bucket(n), np.int32))[:n]) if n else ()
+        payload = self._bcast(np.zeros(_payload_bucket(n), np.int32))[:n] if n else None
         op = Op(int(head[_OP]))
-        mask = head[_HEAD:]
-        return Command(
+        cmd = Command(
             op=op,
             seq=self.seq,
-            slot=int(head[_SLOT]),
+            row=int(head[_ROW]),
             start=int(head[_START]),
             last=bool(head[_LAST]),
-            split=int(head[_SPLIT]),
+            steps=int(head[_STEPS]),
             params=_unpack_params(head[_PARAMS:_HEAD]) if op == Op.PREFILL else None,
-            tokens=tokens,
-            active=tuple(int(s) for s in np.flatnonzero(mask[: self.num_slots])),
-            released=tuple(int(s) for s in np.flatnonzero(mask[self.num_slots :])),
+            released=tuple(int(r) for r in np.flatnonzero(head[_HEAD:])),
         )
+        return cmd.with_lists(_unpack_lists(payload)) if payload is not None else cmd
 
 
 # -- process 0 and the others -----------------------------------------------------------------------
@@ -348,18 +398,22 @@ class Channel:
 class LockstepEngine:
     """:class:`~jaxinfer.engine.types.EngineProtocol` for process 0: each call is broadcast to the
     other processes (which run :func:`follow`) and then made on the local engine. Releases are
-    host-only, so they ride along with the next command. Thread-safe: the scheduler thread and
-    the keep-alive thread take one lock."""
+    host-only, so they ride along with the next command. An unseeded sampled request gets its
+    seed drawn here, so that every process samples the same tokens. Thread-safe: the scheduler
+    thread and the keep-alive thread take one lock."""
 
     def __init__(self, engine, *, keepalive_s: float = KEEPALIVE_S) -> None:
         self.engine = engine
-        self.num_slots = engine.num_slots
+        self.max_seqs = engine.max_seqs
         self.max_len = engine.max_len
+        self.page_size = engine.page_size
+        self.num_pages = engine.num_pages
         self.prefill_chunk = engine.prefill_chunk
-        self.channel = Channel(engine.num_slots, engine.max_len)
+        self.channel = Channel.for_engine(engine)
         self._lock = threading.Lock()
         self._released: list[int] = []
         self._stopped = False
+        self._seeds = np.random.default_rng()
         self._last_send = time.monotonic()
         self.channel.warmup()
         self._keepalive_s = keepalive_s
@@ -374,30 +428,35 @@ class LockstepEngine:
         self.channel.send(cmd)
         self._last_send = time.monotonic()
 
-    def prefill(
-        self, slot: int, tokens: Sequence[int], params: SamplingParams, *, start: int = 0, last: bool = True
-    ) -> SlotToken | None:
-        tokens = tuple(int(t) for t in tokens)
+    def prefill(self, row: int, tokens: Sequence[int], params: SamplingParams, *, pages: Sequence[int],
+                start: int = 0, last: bool = True) -> SlotToken | None:
+        tokens, pages = tuple(int(t) for t in tokens), tuple(int(p) for p in pages)
+        if params.seed is None and params.temperature > 0:
+            params = dataclasses.replace(params, seed=int(self._seeds.integers(0, 2**63)))
         with self._lock:
-            self._send(Command(Op.PREFILL, slot=slot, start=start, last=last, params=params, tokens=tokens))
-            return self.engine.prefill(slot, tokens, params, start=start, last=last)
+            self._send(Command(Op.PREFILL, row=row, start=start, last=last, params=params, tokens=tokens,
+                               pages=(pages,)))
+            return self.engine.prefill(row, tokens, params, pages=pages, start=start, last=last)
 
-    def decode(self, active: Sequence[int]) -> StepHandle:
-        active = tuple(int(s) for s in active)
+    def decode(self, rows: Sequence[int], pages: Mapping[int, Sequence[int]], steps: int = 1) -> StepHandle:
+        rows = tuple(int(r) for r in rows)
+        tables = tuple(tuple(int(p) for p in pages[r]) for r in rows)
         with self._lock:
-            self._send(Command(Op.DECODE, active=active))
-            return self.engine.decode(active)
+            self._send(Command(Op.DECODE, rows=rows, pages=tables, steps=steps))
+            return self.engine.decode(rows, dict(zip(rows, tables)), steps)
 
-    def release(self, slot: int) -> None:
+    def release(self, row: int) -> None:
         with self._lock:
-            self._released.append(int(slot))
-            self.engine.release(slot)
+            self._released.append(int(row))
+            self.engine.release(row)
 
-    def score(self, context: Sequence[int], continuation: Sequence[int]) -> ScoreOutput:
-        context, continuation = tuple(map(int, context)), tuple(map(int, continuation))
+    def score(self, tokens: Sequence[int], targets: Sequence[int], *, pages: Sequence[int],
+              start: int = 0) -> ScoreOutput:
+        tokens, targets = tuple(map(int, tokens)), tuple(map(int, targets))
+        pages = tuple(int(p) for p in pages)
         with self._lock:
-            self._send(Command(Op.SCORE, split=len(context), tokens=context + continuation))
-            return self.engine.score(context, continuation)
+            self._send(Command(Op.SCORE, start=start, tokens=tokens, targets=targets, pages=(pages,)))
+            return self.engine.score(tokens, targets, pages=pages, start=start)
 
     def _keepalive(self) -> None:
         while not self._done.wait(min(1.0, self._keepalive_s / 4)):
@@ -426,7 +485,7 @@ def follow(engine) -> int:
     Returns 0 on STOP; an engine failure other than a (deterministic) ValueError propagates, so the
     process exits and JAX's coordination service takes the rest of the group down with it."""
     me = jax.process_index()
-    channel = Channel(engine.num_slots, engine.max_len)
+    channel = Channel.for_engine(engine)
     channel.warmup()
 
     def on_signal(signum, frame):  # process 0 decides when the group stops (it drains first)
@@ -437,18 +496,19 @@ def follow(engine) -> int:
     try:
         while True:
             cmd = channel.recv()
-            for slot in cmd.released:
-                engine.release(slot)
+            for row in cmd.released:
+                engine.release(row)
             if cmd.op == Op.STOP:
                 log.info("process %d: process 0 stopped the group after %d commands", me, cmd.seq)
                 return 0
             try:
                 if cmd.op == Op.PREFILL:
-                    engine.prefill(cmd.slot, cmd.tokens, cmd.params, start=cmd.start, last=cmd.last)
+                    engine.prefill(cmd.row, cmd.tokens, cmd.params, pages=cmd.pages[0], start=cmd.start,
+                                   last=cmd.last)
                 elif cmd.op == Op.DECODE:
-                    engine.decode(cmd.active)
+                    engine.decode(cmd.rows, dict(zip(cmd.rows, cmd.pages)), cmd.steps)
                 elif cmd.op == Op.SCORE:
-                    engine.score(cmd.tokens[: cmd.split], cmd.tokens[cmd.split :])
+                    engine.score(cmd.tokens, cmd.targets, pages=cmd.pages[0], start=cmd.start)
             except ValueError as e:  # process 0 met the same error in the same call and reported it
                 log.info("process %d: command %d (%s) refused as on process 0: %s", me, cmd.seq, cmd.op.name, e)
     finally:

@@ -1,16 +1,21 @@
 """Prometheus metrics of one server, on its own registry (never the global one).
 
 The scheduler reports request life cycles (started, first token, finished by
-reason), queue depth, slot and KV-cache use; the gRPC servicer reports every
-call's status code, the HTTP front end every response's route and status.
-:meth:`Metrics.serve_http` exposes them on ``/metrics``.
+reason), queue depth, decode rows in use, KV-cache pages (in use / free / cached),
+preemptions and prefix-cache hits; the gRPC servicer reports every call's status
+code, the HTTP front end every response's route and status. :meth:`Metrics.serve_http`
+exposes them on ``/metrics``.
 """
 
 from __future__ import annotations
 
 import threading
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, start_http_server
+
+if TYPE_CHECKING:
+    from jaxinfer.blocks import BlockStats
 
 FINISH_REASONS = ("stop", "length", "cancelled", "deadline", "error")
 
@@ -38,12 +43,31 @@ class Metrics:
         self.queue_time = Histogram(
             "jaxinfer_queue_time_seconds", "Submit to slot admission.", buckets=_LATENCY_BUCKETS, registry=r
         )
-        self.queue_requests = Gauge("jaxinfer_queue_requests", "Requests waiting for a slot.", registry=r)
+        self.queue_requests = Gauge("jaxinfer_queue_requests", "Requests waiting for admission.", registry=r)
         self.queue_tokens = Gauge("jaxinfer_queue_tokens", "Prompt tokens of the requests waiting.", registry=r)
-        self.active_slots = Gauge("jaxinfer_active_slots", "Cache slots holding a request.", registry=r)
-        self.num_slots = Gauge("jaxinfer_slots", "Cache slots in total.", registry=r)
+        self.active_seqs = Gauge("jaxinfer_active_seqs", "Sequences holding a decode row.", registry=r)
+        self.max_seqs = Gauge("jaxinfer_max_seqs", "Decode rows in total.", registry=r)
         self.kv_cache_usage = Gauge(
-            "jaxinfer_kv_cache_usage_ratio", "Cache positions in use / (slots * max_len).", registry=r
+            "jaxinfer_kv_cache_usage_ratio", "KV cache pages referenced by a sequence / pages in the pool.", registry=r
+        )
+        self.kv_pages = Gauge(
+            "jaxinfer_kv_pages", "KV cache pages by state (used: referenced; free; cached: evictable prefix pages).",
+            ["state"], registry=r,
+        )
+        self.preemptions = Counter(
+            "jaxinfer_preemptions", "Running sequences preempted (requeued for recompute) for want of pages.",
+            registry=r,
+        )
+        self.prefix_query_tokens = Counter(
+            "jaxinfer_prefix_cache_query_tokens", "Prompt tokens looked up in the prefix cache at admission.",
+            registry=r,
+        )
+        self.prefix_hit_tokens = Counter(
+            "jaxinfer_prefix_cache_hit_tokens", "Prompt tokens served from the prefix cache (not prefilled).",
+            registry=r,
+        )
+        self.prefix_hit_rate = Gauge(
+            "jaxinfer_prefix_cache_hit_rate", "Prefix-cache hit tokens / query tokens since start.", registry=r
         )
         self.prompt_tokens = Counter("jaxinfer_prompt_tokens", "Prompt tokens of requests admitted into a slot.", registry=r)
         self.generation_tokens = Counter("jaxinfer_generation_tokens", "Tokens generated.", registry=r)
@@ -87,6 +111,13 @@ class Metrics:
     def tokens_generated(self, n: int) -> None:
         self.generation_tokens.inc(n)
 
+    def preempted(self) -> None:
+        self.preemptions.inc()
+
+    def prefix_lookup(self, query_tokens: int, hit_tokens: int) -> None:
+        self.prefix_query_tokens.inc(query_tokens)
+        self.prefix_hit_tokens.inc(hit_tokens)
+
     def request_finished(self, reason: str, e2e_seconds: float, tpot_seconds: float | None) -> None:
         self.requests_finished.labels(reason).inc()
         self.e2e.observe(e2e_seconds)
@@ -94,13 +125,17 @@ class Metrics:
             self.tpot.observe(tpot_seconds)
 
     def set_load(
-        self, *, queue_requests: int, queue_tokens: int, active_slots: int, num_slots: int, kv_usage: float
+        self, *, queue_requests: int, queue_tokens: int, active_seqs: int, max_seqs: int, pages: BlockStats
     ) -> None:
         self.queue_requests.set(queue_requests)
         self.queue_tokens.set(queue_tokens)
-        self.active_slots.set(active_slots)
-        self.num_slots.set(num_slots)
-        self.kv_cache_usage.set(kv_usage)
+        self.active_seqs.set(active_seqs)
+        self.max_seqs.set(max_seqs)
+        self.kv_cache_usage.set(pages.used / max(1, pages.num_pages))
+        self.kv_pages.labels("used").set(pages.used)
+        self.kv_pages.labels("free").set(pages.free)
+        self.kv_pages.labels("cached").set(pages.cached)
+        self.prefix_hit_rate.set(pages.hit_rate)
 
     def grpc_call(self, method: str, code: str) -> None:
         self.grpc_requests.labels(method, code).inc()

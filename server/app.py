@@ -85,7 +85,8 @@ class ServerOptions:
     tls_cert: bytes | None = None  # PEM; with tls_key
     tls_key: bytes | None = None
     grace_period: float = 30.0
-    max_workers: int | None = None  # None: slots + max_queue_requests + 16
+    max_workers: int | None = None  # None: max_seqs + max_queue_requests + 16
+    prefix_cache: bool = True  # automatic prefix caching (--no-prefix-cache: off)
 
 
 class _Abort(Exception):
@@ -225,6 +226,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                     resp.usage.prompt_tokens = ev.usage.prompt_tokens
                     resp.usage.completion_tokens = ev.usage.completion_tokens
                     resp.usage.truncated_prompt_tokens = truncated
+                    resp.usage.cached_prompt_tokens = ev.usage.cached_tokens
                     resp.timings.queue_seconds = ev.timings.queue_s
                     resp.timings.ttft_seconds = ev.timings.ttft_s or 0.0
                     resp.timings.total_seconds = ev.timings.total_s
@@ -334,8 +336,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             model=m.name,
             architecture=m.architecture,
             vocab_size=s.vocab_size,
-            max_len=s.max_len,
-            slots=s.num_slots,
+            max_len=s.max_seq_tokens,
+            slots=s.max_seqs,
             mesh=m.mesh,
             dtype=m.dtype,
             version=__version__,
@@ -345,6 +347,9 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             eos_token_ids=sorted(int(t) for t in self._tok.eos_ids),
             max_stop_strings=s.limits.max_stop_strings,
             max_top_logprobs=MAX_TOP_LOGPROBS,
+            page_size=s.page_size,
+            num_pages=s.num_pages,
+            prefix_cache=s.limits.prefix_cache,
         )
 
 
@@ -416,6 +421,7 @@ def build_server(
         max_stop_strings=options.max_stop_strings,
         max_stop_length=options.max_stop_length,
         model_max_len=model.max_position_embeddings,
+        prefix_cache=options.prefix_cache,
     )
     scheduler = Scheduler(engine, tokenizer, limits, metrics=metrics, detokenizer=detokenizer)
     if options.max_queue_tokens < scheduler.max_len:
@@ -423,7 +429,7 @@ def build_server(
             "max_queue_tokens=%d < max_len=%d: prompts longer than the queue limit are always refused",
             options.max_queue_tokens, scheduler.max_len,
         )
-    workers = options.max_workers or scheduler.num_slots + options.max_queue_requests + 16
+    workers = options.max_workers or scheduler.max_seqs + options.max_queue_requests + 16
     interceptors = []
     if options.auth_token:
         interceptors.append(

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15server/jaxinfer.proto\x12\x0bjaxinfer.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xfe\x04\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\x05\x12*\n\x08messages\x18\x04 \x03(\x0b\x32\x18.jaxinfer.v1.ChatMessage\x12\x17\n\nmax_tokens\x18\x05 \x01(\x05H\x00\x88\x01\x01\x12\x12\n\nmin_tokens\x18\x06 \x01(\x05\x12\x18\n\x0btemperature\x18\x07 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x08 \x01(\x05H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\t \x01(\x02H\x03\x88\x01\x01\x12\x12\n\x05min_p\x18\n \x01(\x02H\x04\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x0b \x01(\x02H\x05\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x0c \x01(\x02H\x06\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\r \x01(\x02H\x07\x88\x01\x01\x12\x11\n\x04seed\x18\x0e \x01(\x04H\x08\x88\x01\x01\x12\x0c\n\x04stop\x18\x0f \x03(\t\x12\x16\n\x0estop_token_ids\x18\x10 \x03(\x05\x12\x12\n\nignore_eos\x18\x11 \x01(\x08\x12\x15\n\x08logprobs\x18\x12 \x01(\x05H\t\x88\x01\x01\x12\x0c\n\x04\x65\x63ho\x18\x13 \x01(\x08\x12\x17\n\x0ftruncate_prompt\x18\x14 \x01(\x08\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_kB\x08\n\x06_top_pB\x08\n\x06_min_pB\x15\n\x13_repetition_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x07\n\x05_seedB\x0b\n\t_logprobs\"^\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\x15\n\rtop_token_ids\x18\x03 \x03(\x05\x12\x14\n\x0ctop_logprobs\x18\x04 \x03(\x02\"Z\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x1f\n\x17truncated_prompt_tokens\x18\x03 \x01(\x05\"M\n\x07Timings\x12\x15\n\rqueue_seconds\x18\x01 \x01(\x01\x12\x14\n\x0cttft_seconds\x18\x02 \x01(\x01\x12\x15\n\rtotal_seconds\x18\x03 \x01(\x01\"\xef\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12+\n\x08logprobs\x18\x04 \x03(\x0b\x32\x19.jaxinfer.v1.TokenLogprob\x12\x18\n\x10prompt_token_ids\x18\x05 \x03(\x05\x12\x15\n\rfinish_reason\x18\x06 \x01(\t\x12!\n\x05usage\x18\x07 \x01(\x0b\x32\x12.jaxinfer.v1.Usage\x12%\n\x07timings\x18\x08 \x01(\x0b\x32\x14.jaxinfer.v1.Timings\"6\n\x0cScoreRequest\x12\x0f\n\x07\x63ontext\x18\x01 \x01(\t\x12\x15\n\rcontinuations\x18\x02 \x03(\t\"b\n\x11\x43ontinuationScore\x12\x0f\n\x07logprob\x18\x01 \x01(\x01\x12\x16\n\x0etoken_logprobs\x18\x02 \x03(\x02\x12\x11\n\tis_greedy\x18\x03 \x01(\x08\x12\x11\n\ttoken_ids\x18\x04 \x03(\x05\"Z\n\rScoreResponse\x12\x19\n\x11\x63ontext_token_ids\x18\x01 \x03(\x05\x12.\n\x06scores\x18\x02 \x03(\x0b\x32\x1e.jaxinfer.v1.ContinuationScore\"m\n\x0fTokenizeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x14\n\x07\x61\x64\x64_bos\x18\x02 \x01(\x08H\x00\x88\x01\x01\x12*\n\x08messages\x18\x03 \x03(\x0b\x32\x18.jaxinfer.v1.ChatMessageB\n\n\x08_add_bos\"3\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\"&\n\x11\x44\x65tokenizeRequest\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\"\"\n\x12\x44\x65tokenizeResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\"\x15\n\x13GetModelInfoRequest\"\xaa\x02\n\tModelInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\x05\x12\x0f\n\x07max_len\x18\x04 \x01(\x05\x12\r\n\x05slots\x18\x05 \x01(\x05\x12\x0c\n\x04mesh\x18\x06 \x01(\t\x12\r\n\x05\x64type\x18\x07 \x01(\t\x12\x0f\n\x07version\x18\x08 \x01(\t\x12\x15\n\rprefill_chunk\x18\t \x01(\x05\x12\x1a\n\x12max_queue_requests\x18\n \x01(\x05\x12\x18\n\x10max_queue_tokens\x18\x0b \x01(\x05\x12\x15\n\reos_token_ids\x18\x0c \x03(\x05\x12\x18\n\x10max_stop_strings\x18\r \x01(\x05\x12\x18\n\x10max_top_logprobs\x18\x0e \x01(\x05\x32\xf8\x02\n\tInference\x12I\n\x08Generate\x12\x1c.jaxinfer.v1.GenerateRequest\x1a\x1d.jaxinfer.v1.GenerateResponse0\x01\x12>\n\x05Score\x12\x19.jaxinfer.v1.ScoreRequest\x1a\x1a.jaxinfer.v1.ScoreResponse\x12G\n\x08Tokenize\x12\x1c.jaxinfer.v1.TokenizeRequest\x1a\x1d.jaxinfer.v1.TokenizeResponse\x12M\n\nDetokenize\x12\x1e.jaxinfer.v1.DetokenizeRequest\x1a\x1f.jaxinfer.v1.DetokenizeResponse\x12H\n\x0cGetModelInfo\x12 .jaxinfer.v1.GetModelInfoRequest\x1a\x16.jaxinfer.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15server/jaxinfer.proto\x12\x0bjaxinfer.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xfe\x04\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\x05\x12*\n\x08messages\x18\x04 \x03(\x0b\x32\x18.jaxinfer.v1.ChatMessage\x12\x17\n\nmax_tokens\x18\x05 \x01(\x05H\x00\x88\x01\x01\x12\x12\n\nmin_tokens\x18\x06 \x01(\x05\x12\x18\n\x0btemperature\x18\x07 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x08 \x01(\x05H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\t \x01(\x02H\x03\x88\x01\x01\x12\x12\n\x05min_p\x18\n \x01(\x02H\x04\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x0b \x01(\x02H\x05\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x0c \x01(\x02H\x06\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\r \x01(\x02H\x07\x88\x01\x01\x12\x11\n\x04seed\x18\x0e \x01(\x04H\x08\x88\x01\x01\x12\x0c\n\x04stop\x18\x0f \x03(\t\x12\x16\n\x0estop_token_ids\x18\x10 \x03(\x05\x12\x12\n\nignore_eos\x18\x11 \x01(\x08\x12\x15\n\x08logprobs\x18\x12 \x01(\x05H\t\x88\x01\x01\x12\x0c\n\x04\x65\x63ho\x18\x13 \x01(\x08\x12\x17\n\x0ftruncate_prompt\x18\x14 \x01(\x08\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_kB\x08\n\x06_top_pB\x08\n\x06_min_pB\x15\n\x13_repetition_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x07\n\x05_seedB\x0b\n\t_logprobs\"^\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\x15\n\rtop_token_ids\x18\x03 \x03(\x05\x12\x14\n\x0ctop_logprobs\x18\x04 \x03(\x02\"x\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x1f\n\x17truncated_prompt_tokens\x18\x03 \x01(\x05\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x04 \x01(\x05\"M\n\x07Timings\x12\x15\n\rqueue_seconds\x18\x01 \x01(\x01\x12\x14\n\x0cttft_seconds\x18\x02 \x01(\x01\x12\x15\n\rtotal_seconds\x18\x03 \x01(\x01\"\xef\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12+\n\x08logprobs\x18\x04 \x03(\x0b\x32\x19.jaxinfer.v1.TokenLogprob\x12\x18\n\x10prompt_token_ids\x18\x05 \x03(\x05\x12\x15\n\rfinish_reason\x18\x06 \x01(\t\x12!\n\x05usage\x18\x07 \x01(\x0b\x32\x12.jaxinfer.v1.Usage\x12%\n\x07timings\x18\x08 \x01(\x0b\x32\x14.jaxinfer.v1.Timings\"6\n\x0cScoreRequest\x12\x0f\n\x07\x63ontext\x18\x01 \x01(\t\x12\x15\n\rcontinuations\x18\x02 \x03(\t\"b\n\x11\x43ontinuationScore\x12\x0f\n\x07logprob\x18\x01 \x01(\x01\x12\x16\n\x0etoken_logprobs\x18\x02 \x03(\x02\x12\x11\n\tis_greedy\x18\x03 \x01(\x08\x12\x11\n\ttoken_ids\x18\x04 \x03(\x05\"Z\n\rScoreResponse\x12\x19\n\x11\x63ontext_token_ids\x18\x01 \x03(\x05\x12.\n\x06scores\x18\x02 \x03(\x0b\x32\x1e.jaxinfer.v1.ContinuationScore\"m\n\x0fTokenizeRequest\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x14\n\x07\x61\x64\x64_bos\x18\x02 \x01(\x08H\x00\x88\x01\x01\x12*\n\x08messages\x18\x03 \x03(\x0b\x32\x18.jaxinfer.v1.ChatMessageB\n\n\x08_add_bos\"3\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\"&\n\x11\x44\x65tokenizeRequest\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\"\"\n\x12\x44\x65tokenizeResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\"\x15\n\x13GetModelInfoRequest\"\xe6\x02\n\tModelInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\x05\x12\x0f\n\x07max_len\x18\x04 \x01(\x05\x12\r\n\x05slots\x18\x05 \x01(\x05\x12\x0c\n\x04mesh\x18\x06 \x01(\t\x12\r\n\x05\x64type\x18\x07 \x01(\t\x12\x0f\n\x07version\x18\x08 \x01(\t\x12\x15\n\rprefill_chunk\x18\t \x01(\x05\x12\x1a\n\x12max_queue_requests\x18\n \x01(\x05\x12\x18\n\x10max_queue_tokens\x18\x0b \x01(\x05\x12\x15\n\reos_token_ids\x18\x0c \x03(\x05\x12\x18\n\x10max_stop_strings\x18\r \x01(\x05\x12\x18\n\x10max_top_logprobs\x18\x0e \x01(\x05\x12\x11\n\tpage_size\x18\x0f \x01(\x05\x12\x11\n\tnum_pages\x18\x10 \x01(\x05\x12\x14\n\x0cprefix_cache\x18\x11 \x01(\x08\x32\xf8\x02\n\tInference\x12I\n\x08Generate\x12\x1c.jaxinfer.v1.GenerateRequest\x1a\x1d.jaxinfer.v1.GenerateResponse0\x01\x12>\n\x05Score\x12\x19.jaxinfer.v1.ScoreRequest\x1a\x1a.jaxinfer.v1.ScoreResponse\x12G\n\x08Tokenize\x12\x1c.jaxinfer.v1.TokenizeRequest\x1a\x1d.jaxinfer.v1.TokenizeResponse\x12M\n\nDetokenize\x12\x1e.jaxinfer.v1.DetokenizeRequest\x1a\x1f.jaxinfer.v1.DetokenizeResponse\x12H\n\x0cGetModelInfo\x12 .jaxinfer.v1.GetModelInfoRequest\x1a\x16.jaxinfer.v1.ModelInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,29 +38,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TOKENLOGPROB']._serialized_start=725
   _globals['_TOKENLOGPROB']._serialized_end=819
   _globals['_USAGE']._serialized_start=821
-  _globals['_USAGE']._serialized_end=911
-  _globals['_TIMINGS']._serialized_start=913
-  _globals['_TIMINGS']._serialized_end=990
-  _globals['_GENERATERESPONSE']._serialized_start=993
-  _globals['_GENERATERESPONSE']._serialized_end=1232
-  _globals['_SCOREREQUEST']._serialized_start=1234
-  _globals['_SCOREREQUEST']._serialized_end=1288
-  _globals['_CONTINUATIONSCORE']._serialized_start=1290
-  _globals['_CONTINUATIONSCORE']._serialized_end=1388
-  _globals['_SCORERESPONSE']._serialized_start=1390
-  _globals['_SCORERESPONSE']._serialized_end=1480
-  _globals['_TOKENIZEREQUEST']._serialized_start=1482
-  _globals['_TOKENIZEREQUEST']._serialized_end=1591
-  _globals['_TOKENIZERESPONSE']._serialized_start=1593
-  _globals['_TOKENIZERESPONSE']._serialized_end=1644
-  _globals['_DETOKENIZEREQUEST']._serialized_start=1646
-  _globals['_DETOKENIZEREQUEST']._serialized_end=1684
-  _globals['_DETOKENIZERESPONSE']._serialized_start=1686
-  _globals['_DETOKENIZERESPONSE']._serialized_end=1720
-  _globals['_GETMODELINFOREQUEST']._serialized_start=1722
-  _globals['_GETMODELINFOREQUEST']._serialized_end=1743
-  _globals['_MODELINFO']._serialized_start=1746
-  _globals['_MODELINFO']._serialized_end=2044
-  _globals['_INFERENCE']._serialized_start=2047
-  _globals['_INFERENCE']._serialized_end=2423
+  _globals['_USAGE']._serialized_end=941
+  _globals['_TIMINGS']._serialized_start=943
+  _globals['_TIMINGS']._serialized_end=1020
+  _globals['_GENERATERESPONSE']._serialized_start=1023
+  _globals['_GENERATERESPONSE']._serialized_end=1262
+  _globals['_SCOREREQUEST']._serialized_start=1264
+  _globals['_SCOREREQUEST']._serialized_end=1318
+  _globals['_CONTINUATIONSCORE']._serialized_start=1320
+  _globals['_CONTINUATIONSCORE']._serialized_end=1418
+  _globals['_SCORERESPONSE']._serialized_start=1420
+  _globals['_SCORERESPONSE']._serialized_end=1510
+  _globals['_TOKENIZEREQUEST']._serialized_start=1512
+  _globals['_TOKENIZEREQUEST']._serialized_end=1621
+  _globals['_TOKENIZERESPONSE']._serialized_start=1623
+  _globals['_TOKENIZERESPONSE']._serialized_end=1674
+  _globals['_DETOKENIZEREQUEST']._serialized_start=1676
+  _globals['_DETOKENIZEREQUEST']._serialized_end=1714
+  _globals['_DETOKENIZERESPONSE']._serialized_start=1716
+  _globals['_DETOKENIZERESPONSE']._serialized_end=1750
+  _globals['_GETMODELINFOREQUEST']._serialized_start=1752
+  _globals['_GETMODELINFOREQUEST']._serialized_end=1773
+  _globals['_MODELINFO']._serialized_start=1776
+  _globals['_MODELINFO']._serialized_end=2134
+  _globals['_INFERENCE']._serialized_start=2137
+  _globals['_INFERENCE']._serialized_end=2513
 # @@protoc_insertion_point(module_scope)

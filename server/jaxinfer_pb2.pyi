@@ -71,14 +71,16 @@ class TokenLogprob(_message.Message):
     def __init__(self, token_id: _Optional[int] = ..., logprob: _Optional[float] = ..., top_token_ids: _Optional[_Iterable[int]] = ..., top_logprobs: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class Usage(_message.Message):
-    __slots__ = ("prompt_tokens", "completion_tokens", "truncated_prompt_tokens")
+    __slots__ = ("prompt_tokens", "completion_tokens", "truncated_prompt_tokens", "cached_prompt_tokens")
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TRUNCATED_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    CACHED_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     prompt_tokens: int
     completion_tokens: int
     truncated_prompt_tokens: int
-    def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., truncated_prompt_tokens: _Optional[int] = ...) -> None: ...
+    cached_prompt_tokens: int
+    def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., truncated_prompt_tokens: _Optional[int] = ..., cached_prompt_tokens: _Optional[int] = ...) -> None: ...
 
 class Timings(_message.Message):
     __slots__ = ("queue_seconds", "ttft_seconds", "total_seconds")
@@ -173,7 +175,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model", "architecture", "vocab_size", "max_len", "slots", "mesh", "dtype", "version", "prefill_chunk", "max_queue_requests", "max_queue_tokens", "eos_token_ids", "max_stop_strings", "max_top_logprobs")
+    __slots__ = ("model", "architecture", "vocab_size", "max_len", "slots", "mesh", "dtype", "version", "prefill_chunk", "max_queue_requests", "max_queue_tokens", "eos_token_ids", "max_stop_strings", "max_top_logprobs", "page_size", "num_pages", "prefix_cache")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -188,6 +190,9 @@ class ModelInfo(_message.Message):
     EOS_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     MAX_STOP_STRINGS_FIELD_NUMBER: _ClassVar[int]
     MAX_TOP_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    NUM_PAGES_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHE_FIELD_NUMBER: _ClassVar[int]
     model: str
     architecture: str
     vocab_size: int
@@ -202,4 +207,7 @@ class ModelInfo(_message.Message):
     eos_token_ids: _containers.RepeatedScalarFieldContainer[int]
     max_stop_strings: int
     max_top_logprobs: int
-    def __init__(self, model: _Optional[str] = ..., architecture: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_len: _Optional[int] = ..., slots: _Optional[int] = ..., mesh: _Optional[str] = ..., dtype: _Optional[str] = ..., version: _Optional[str] = ..., prefill_chunk: _Optional[int] = ..., max_queue_requests: _Optional[int] = ..., max_queue_tokens: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., max_stop_strings: _Optional[int] = ..., max_top_logprobs: _Optional[int] = ...) -> None: ...
+    page_size: int
+    num_pages: int
+    prefix_cache: bool
+    def __init__(self, model: _Optional[str] = ..., architecture: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_len: _Optional[int] = ..., slots: _Optional[int] = ..., mesh: _Optional[str] = ..., dtype: _Optional[str] = ..., version: _Optional[str] = ..., prefill_chunk: _Optional[int] = ..., max_queue_requests: _Optional[int] = ..., max_queue_tokens: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., max_stop_strings: _Optional[int] = ..., max_top_logprobs: _Optional[int] = ..., page_size: _Optional[int] = ..., num_pages: _Optional[int] = ..., prefix_cache: _Optional[bool] = ...) -> None: ...

@@ -71,7 +71,7 @@ class RequestBuilder:
     ) -> Built:
         """The request to submit; max_tokens None: the server default, capped to the room left."""
         ids = list(prompt_ids)
-        max_len = self.scheduler.max_len
+        max_len = self.scheduler.max_seq_tokens  # the model context, the engine and the KV pool
         if max_tokens is None:
             room = max_len - len(ids)
             max_tokens = min(self.default_max_tokens, room) if room >= 1 else self.default_max_tokens

@@ -28,7 +28,7 @@ from tests.helpers.served import Served
 
 @pytest.fixture
 def served():
-    s = Served(FakeEngine(num_slots=4, max_len=128, prefill_chunk=8, step_delay=0.003))
+    s = Served(FakeEngine(max_seqs=4, max_len=128, prefill_chunk=8, step_delay=0.003))
     yield s
     s.close()
 

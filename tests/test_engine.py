@@ -1,5 +1,6 @@
-"""Engine: prefill + decode against one full-sequence forward, donation, buckets,
-no recompilation, batched sampling statistics."""
+"""Engine: paged prefill + decode against one full-sequence forward, chunks at
+offsets, prefix hits, page order, scoring, donation, buckets, no recompilation,
+batched sampling statistics."""
 
 from __future__ import annotations
 
@@ -10,291 +11,168 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxinfer.engine.engine import Engine, EngineConfig
+from jaxinfer.engine.engine import Engine
 from jaxinfer.engine.sampling import SlotSampling, sample
 from jaxinfer.engine.types import SamplingParams
-from jaxinfer.model.transformer import KVCache, Transformer
+from jaxinfer.model.transformer import Transformer
 from jaxinfer.model.weights import nest, random_weights
-from tests.helpers.scheduled import generate
-from tests.helpers.tiny import ENGINE_CFG, GEMMA_TINY, LLAMA_TINY, make_model, prompt_of
+from tests.helpers.drive import PageAllocator, drive
+from tests.helpers.tiny import GEMMA_TINY, LLAMA_TINY, PAGE, engine_config, make_model, prompt_of
 
-
-# Gemma's engine takes minutes to compile on 2 cores: the fast lane checks the engine on Llama.
-@pytest.fixture(scope="module", params=[pytest.param(LLAMA_TINY, id="llama"),
-                                        pytest.param(GEMMA_TINY, id="gemma3", marks=pytest.mark.slow)])
+@pytest.fixture(scope="module", params=[LLAMA_TINY, GEMMA_TINY], ids=["llama", "gemma3"])
 def engine(request) -> Engine:
-    eng = Engine(make_model(request.param), ENGINE_CFG)
+    eng = Engine(make_model(request.param), engine_config(request.param))
     eng.compile(progress=False)
     return eng
 
 
 def full_forward_logprobs(model: Transformer, seq: list[int]) -> np.ndarray:
-    """log-softmax at every position of one plain forward over the whole sequence."""
-    T = len(seq)
-    cache = KVCache.zeros(model.cfg, 1, T, jnp.float32)
-    pos = jnp.arange(T, dtype=jnp.int32)[None]
-    h, _ = model(jnp.asarray([seq], jnp.int32), pos, cache, None, T)
+    """log-softmax at every position of one forward over the whole sequence (no cache)."""
+    pos = jnp.arange(len(seq), dtype=jnp.int32)[None]
+    h, _ = model(jnp.asarray([seq], jnp.int32), pos)
     return np.asarray(jax.nn.log_softmax(model.logits(h[0]), axis=-1))
+
+
+def model_of(engine: Engine) -> Transformer:
+    from flax import nnx
+
+    return nnx.merge(engine.graphdef, engine.params)
 
 
 @pytest.mark.parametrize("n_prompt", [5, 40])  # 40 crosses Gemma's 16-token window and the 32 bucket (chunked)
 def test_prefill_then_decode_matches_full_forward(engine: Engine, n_prompt: int):
-    model = engine.reference_model()  # the engine's own weights, stacked and scanned
+    """Greedy tokens through the pool are the argmax chain of the full forward,
+    and their log-probs match it."""
     prompt = prompt_of(n_prompt, seed=n_prompt)
-    params = SamplingParams(logprobs=20)
-    first = engine.prefill(0, prompt, params)
-    toks = [first]
-    for _ in range(12):
-        toks.append(engine.decode([0]).result()[0])
-    engine.release(0)
-    seq = prompt + [t.token for t in toks]
-    ref = full_forward_logprobs(model, seq)
-    for i, t in enumerate(toks):
-        row = ref[n_prompt - 1 + i]
-        assert t.token == int(np.argmax(row))
-        np.testing.assert_allclose(t.logprob, row[t.token], atol=1e-4)
-        np.testing.assert_allclose(t.top_logprobs, row[list(t.top_ids)], atol=1e-4)
-        np.testing.assert_allclose(t.top_logprobs, np.sort(row)[::-1][:20], atol=1e-4)
+    got = drive(engine, [prompt], max_tokens=12)[0]
+    seq = prompt + got["token_ids"]
+    lp = full_forward_logprobs(model_of(engine), seq)
+    want = [int(np.argmax(lp[i])) for i in range(n_prompt - 1, len(seq) - 1)]
+    assert got["token_ids"] == want
+    np.testing.assert_allclose(got["logprobs"], [lp[i, t] for i, t in zip(range(n_prompt - 1, len(seq)), want)],
+                               atol=2e-5)
 
 
-def test_one_block_cache_equals_span_blocks(engine: Engine):
-    """The cache layout other platforms use (one block of max_len per layer, a
-    span read as a slice of it) gives the same tokens and logprobs as the CPU
-    layout (blocks ending at the spans, read whole)."""
-    assert len(engine.kv_blocks) > 1
-    one = Engine(make_model(engine.cfg), dataclasses.replace(ENGINE_CFG, span_blocks=False, lazy_compile=True))
-    assert one.kv_blocks == (one.max_len,)
-    prompts = [prompt_of(5, 21), prompt_of(40, 22), prompt_of(70, 23)]  # 70: past a 64-position span
-    params = [SamplingParams(logprobs=5), SamplingParams(temperature=0.9, seed=4, logprobs=5), SamplingParams()]
-    a = generate(engine, prompts, params, max_tokens=12, ignore_eos=True)
-    b = generate(one, prompts, params, max_tokens=12, ignore_eos=True)
-    for x, y in zip(a, b):
-        assert x["token_ids"] == y["token_ids"]
-        np.testing.assert_allclose(x["logprobs"], y["logprobs"], atol=1e-5)
+def _first_and_decodes(engine, row, pieces, pages, n_decode=5, params=SamplingParams(logprobs=3)):
+    """Prefill ``pieces`` ((start, tokens) each, the last one sampled), then decode."""
+    for k, (start, toks) in enumerate(pieces):
+        tok = engine.prefill(row, toks, params, pages=pages, start=start, last=k == len(pieces) - 1)
+    out = [tok] + [engine.decode([row], {row: pages}).result()[row] for _ in range(n_decode)]
+    engine.release(row)
+    return out
 
 
-@pytest.mark.slow  # compiles an engine with twice the spans
-def test_half_octave_spans_equal_full_forward():
-    """span_steps=2 adds spans half way between the powers of two (48 and 96
-    here); prefill and decode over them give the full forward's log-probs, and
-    a step at 40 positions reads a span of 48, not 64."""
-    eng = Engine(make_model(GEMMA_TINY), dataclasses.replace(ENGINE_CFG, span_steps=2, lazy_compile=True))
-    assert eng.spans == (32, 48, 64, 96, 128) and eng.kv_blocks == (32, 16, 16, 32, 32)
-    prompt = prompt_of(38, seed=7)
-    toks = [eng.prefill(0, prompt, SamplingParams(logprobs=5))]
-    spans = []
-    for _ in range(14):  # positions 38..51: spans 48, then 64 from position 48 on
-        toks.append(eng.decode([0]).result()[0])
-        spans.append(eng.last_decode_variant[1])
-    assert spans[:10] == [48] * 10 and spans[10:] == [64] * 4
-    ref = full_forward_logprobs(eng.reference_model(), prompt + [t.token for t in toks])
-    for i, t in enumerate(toks):
-        row = ref[len(prompt) - 1 + i]
-        assert t.token == int(np.argmax(row))
-        np.testing.assert_allclose([t.logprob, *t.top_logprobs], [row[t.token], *row[list(t.top_ids)]], atol=1e-4)
+def _same(a, b):
+    assert [t.token for t in a] == [t.token for t in b]
+    assert [t.top_ids for t in a] == [t.top_ids for t in b]
+    np.testing.assert_allclose([t.logprob for t in a], [t.logprob for t in b], atol=2e-5)
 
 
-@pytest.mark.slow  # compiles a second engine
-def test_decode_skips_blocks_no_row_needs(engine: Engine):
-    """A decode over every row runs attention block by block and skips, at run
-    time, the blocks no row needs: a span of 128 in blocks of 16 read at
-    positions < 80 skips the last three, and Gemma's sliding-window layers
-    (window 16) skip the blocks behind every row's window. The log-probs equal
-    the full forward's. A decode over a prefix of the rows keeps the one softmax."""
-    eng = Engine(make_model(engine.cfg), dataclasses.replace(ENGINE_CFG, kv_block_max=16, lazy_compile=True))
-    assert eng.kv_blocks == (16,) * 8
-    params = SamplingParams(logprobs=4)
-    prompts = [prompt_of(n, seed=20 + n) for n in (34, 40, 36, 60)]
-    out = [[eng.prefill(slot, p, params)] for slot, p in enumerate(prompts)]
-    spans = []
-    for _ in range(13):  # the longest row goes from position 60 to 72: spans 64, then 128
-        step = eng.decode([0, 1, 2, 3]).result()
-        spans.append(eng.last_decode_variant)
-        for slot in range(4):
-            out[slot].append(step[slot])
-    assert spans[0] == (4, 64) and spans[-1] == (4, 128)
-    for slot, p in enumerate(prompts):
-        ref = full_forward_logprobs(eng.reference_model(), p + [t.token for t in out[slot]])
-        for i, t in enumerate(out[slot]):
-            row = ref[len(p) - 1 + i]
-            assert t.token == int(np.argmax(row))
-            np.testing.assert_allclose([t.logprob, *t.top_logprobs], [row[t.token], *row[list(t.top_ids)]],
-                                       atol=1e-4)
-    every_row = eng._compiled[("decode", 4, 128, True)].as_text().count(" conditional(")
-    for slot in (1, 2, 3):
-        eng.release(slot)
-    eng.decode([0]).result()  # row 0 alone: a prefix of the 4 rows, read as a slice
-    assert eng.last_decode_variant == (1, 64)  # four blocks of 16
-    one_row = eng._compiled[("decode", 1, 64, True)].as_text().count(" conditional(")  # sampling's own
-    assert every_row - one_row == 8 * eng.cfg.num_layers  # each of the 8 blocks, every layer
+def test_chunked_prefill_at_offsets_equals_one_shot(engine: Engine):
+    prompt = prompt_of(30, seed=7)
+    pages = PageAllocator(engine.num_pages, seed=1).take(6)
+    one = _first_and_decodes(engine, 0, [(0, prompt)], pages)
+    chunked = _first_and_decodes(engine, 1, [(0, prompt[:11]), (11, prompt[11:23]), (23, prompt[23:])], pages)
+    _same(one, chunked)
 
 
-@pytest.mark.slow  # compiles a second engine
-def test_one_slot_engine_pads_a_cache_row(engine: Engine):
-    """A one-slot engine allocates a second, unused cache row (XLA CPU copies
-    every block of a one-row cache on each step); slot 1 stays out of range,
-    and its tokens equal a four-slot engine's."""
-    one = Engine(make_model(engine.cfg), dataclasses.replace(ENGINE_CFG, slots=1, lazy_compile=True))
-    assert one.num_slots == 1 and one.cache_rows == 2 and one.state.cache.k[0][0].shape[0] == 2
-    assert one.stats().cache_bytes == 2 * one.max_len * KVCache.bytes_per_token(one.cfg, jnp.float32)
-    prompt, params = prompt_of(40, seed=5), SamplingParams(logprobs=3)
-    got = [one.prefill(0, prompt, params)] + [one.decode([0]).result()[0] for _ in range(6)]
-    want = [engine.prefill(3, prompt, params)] + [engine.decode([3]).result()[3] for _ in range(6)]
+def test_prefill_over_a_cached_prefix_equals_from_zero(engine: Engine):
+    """A prefill that starts at start > 0 over pages another sequence filled (a
+    prefix-cache hit) gives the tokens of a prefill from 0."""
+    alloc = PageAllocator(engine.num_pages, seed=2)
+    shared = prompt_of(24, seed=3)  # three full pages
+    a_pages = alloc.take(5)
+    _first_and_decodes(engine, 0, [(0, shared + prompt_of(7, seed=4))], a_pages)
+    b_prompt = shared + prompt_of(6, seed=5)
+    fresh_pages = alloc.take(5)
+    want = _first_and_decodes(engine, 1, [(0, b_prompt)], fresh_pages)
+    hit_pages = a_pages[:3] + alloc.take(2)
+    got = _first_and_decodes(engine, 2, [(24, b_prompt[24:])], hit_pages)
+    _same(want, got)
+    # and through prefill_many, beside a fresh prompt
+    other = prompt_of(9, seed=6)
+    firsts = engine.prefill_many([(1, b_prompt[24:], SamplingParams(logprobs=3), 24, hit_pages),
+                                  (3, other, SamplingParams(logprobs=3), 0, alloc.take(2))])
+    assert firsts[0] == want[0] or (firsts[0].token == want[0].token
+                                    and abs(firsts[0].logprob - want[0].logprob) < 2e-5)
+    engine.release(1)
     engine.release(3)
-    for a, b in zip(got, want):
-        assert a.token == b.token and a.top_ids == b.top_ids
-        np.testing.assert_allclose([a.logprob, *a.top_logprobs], [b.logprob, *b.top_logprobs], atol=1e-5)
-    one.release(0)
-    short = prompt_of(5, seed=6)
-    a, b = one.prefill_many([(0, short, params)])[0], engine.prefill(3, short, params)  # 3 padding rows dropped
-    assert a.token == b.token and a.top_ids == b.top_ids
-    np.testing.assert_allclose([a.logprob, *a.top_logprobs], [b.logprob, *b.top_logprobs], atol=1e-5)
-    engine.release(3)
-    with pytest.raises(ValueError, match="out of range"):
-        one.prefill(1, short, params)
 
 
-@pytest.mark.slow  # compiles three more engines
-def test_bfloat16_weights_are_held_as_float32_on_cpu():
-    """XLA CPU has no bfloat16 matmul: it converts every bfloat16 weight to
-    float32 on every call. A CPU engine holds bfloat16 weights as float32
-    instead: its tokens and log-probs are those of an engine given the same
-    values as float32, and its decode program converts no weight (the program
-    of an engine forced to hold them in bfloat16 does)."""
-    cfg = EngineConfig(slots=2, max_len=64, prefill_buckets=(16,), min_span=32, span_blocks=True, lazy_compile=True)
-    w = {k: jnp.asarray(v).astype(jnp.bfloat16) for k, v in random_weights(LLAMA_TINY, seed=3, scale=0.15).items()}
-    e16 = Engine(Transformer(LLAMA_TINY, params=nest(w)), cfg)
-    e32 = Engine(Transformer(LLAMA_TINY, params=nest({k: v.astype(jnp.float32) for k, v in w.items()})), cfg)
-    forced = Engine(Transformer(LLAMA_TINY, params=nest(w)), dataclasses.replace(cfg, weight_dtype="bfloat16"))
-    on_cpu = jax.default_backend() == "cpu"
-    assert e16.checkpoint_dtype == jnp.bfloat16 and forced.dtype == jnp.bfloat16
-    assert forced.state.cache.dtype == jnp.bfloat16
-    held = jnp.float32 if on_cpu else jnp.bfloat16
-    assert e16.dtype == held and e16.state.cache.dtype == held
-    assert all(a.dtype == held for a in jax.tree.leaves(e16.params) if a.size)
-    if on_cpu:
-        assert "weights float32 (checkpoint bfloat16)" in e16.describe()
-        prompt, params = prompt_of(20, seed=9), SamplingParams(logprobs=5)
-        got = generate(e16, [prompt], params, max_tokens=6, ignore_eos=True)[0]
-        want = generate(e32, [prompt], params, max_tokens=6, ignore_eos=True)[0]
-        assert len(got["token_ids"]) == 6 and got == want
+def test_page_order_does_not_matter(engine: Engine):
+    prompt = prompt_of(37, seed=8)
+    a = drive(engine, [prompt], SamplingParams(temperature=0.9, seed=5, logprobs=2), max_tokens=8,
+              pages=PageAllocator(engine.num_pages, seed=10))[0]
+    ordered = PageAllocator(engine.num_pages)
+    ordered.free = list(range(engine.num_pages))
+    b = drive(engine, [prompt], SamplingParams(temperature=0.9, seed=5, logprobs=2), max_tokens=8, pages=ordered)[0]
+    assert a["token_ids"] == b["token_ids"]
+    np.testing.assert_allclose(a["logprobs"], b["logprobs"], atol=2e-5)
 
-        def decode_hlo(eng):
-            exe, _ = eng._compile_variant(("decode", eng.decode_rows[0], eng.spans[0], True))
-            return exe.as_text()
 
-        gate_up = "f32[%d,%d]" % (2 * LLAMA_TINY.intermediate_size, LLAMA_TINY.hidden_size)
-        converts = lambda text: [ln for ln in text.splitlines() if "convert" in ln and gate_up in ln]  # noqa: E731
-        assert converts(decode_hlo(forced)), "the bfloat16 engine was expected to convert its weights per call"
-        assert not converts(decode_hlo(e16))
+def test_score_equals_full_forward_log_softmax(engine: Engine):
+    seq = prompt_of(45, seed=11)
+    lp = full_forward_logprobs(model_of(engine), seq)
+    alloc = PageAllocator(engine.num_pages, seed=3)
+    pages = alloc.take(6)
+    first = engine.score(seq[:20], seq[1:21], pages=pages)  # positions 0..19
+    rest = engine.score(seq[20:-1], seq[21:], pages=pages, start=20)  # over the pages the first piece wrote
+    got = np.array(first.token_logprobs + rest.token_logprobs)
+    want = np.array([lp[i, seq[i + 1]] for i in range(len(seq) - 1)])
+    np.testing.assert_allclose(got, want, atol=2e-5)
+    np.testing.assert_array_equal(first.top_ids + rest.top_ids, np.argmax(lp[:-1], axis=-1))
+    np.testing.assert_allclose(first.top_logprobs + rest.top_logprobs, np.max(lp[:-1], axis=-1), atol=2e-5)
+    assert abs(first.logprob - want[:20].sum()) < 1e-3
+    assert engine.score(seq[:20], list(first.top_ids), pages=pages).is_greedy
+    assert not first.is_greedy
 
 
 def test_multi_step_decode_equals_single_steps(engine: Engine):
-    """decode(active, steps=3) -- three steps in one device loop -- gives the same
-    tokens, logprobs and top alternatives as three one-step calls, for a seeded
-    sampled slot and a greedy one, across a span boundary (positions 30..35)."""
-    eng = Engine(make_model(engine.cfg), dataclasses.replace(ENGINE_CFG, decode_steps=3, lazy_compile=True))
-    sampled, greedy = SamplingParams(temperature=0.9, seed=4, logprobs=5), SamplingParams(logprobs=2)
-    prompt = prompt_of(30, 31)
-    firsts = [eng.prefill(slot, prompt, p) for slot, p in ((0, sampled), (1, sampled), (2, greedy), (3, greedy))]
-    assert firsts[0] == firsts[1] and firsts[2] == firsts[3]
-    single = [eng.decode([0, 3]).result() for _ in range(6)]
-    multi = [r for _ in range(2) for r in eng.decode([1, 2], steps=3).results()]
-    assert eng.last_decode_variant[1] == 64 and eng.slot_length(1) == 36
-    for one, many in zip(single, multi):  # logprobs within float noise: the spans differ (32 then 64, or 64)
-        for a, b in ((one[0], many[1]), (one[3], many[2])):
-            assert a.token == b.token and a.top_ids == b.top_ids
-            np.testing.assert_allclose([a.logprob, *a.top_logprobs], [b.logprob, *b.top_logprobs], atol=1e-5)
-    assert len({one[0].token for one in single}) > 1  # not a constant stream
-    with pytest.raises(ValueError, match="decode_steps=3"):
-        eng.decode([1], steps=2)
-    with pytest.raises(ValueError, match="results"):
-        eng.decode([1], steps=3).result()
-
-
-@pytest.mark.slow  # compiles two more engines
-def test_scheduler_with_multi_step_decode_equals_single_steps():
-    """The scheduler and Engine.generate over an engine with decode_steps=3
-    give the same tokens and logprobs as single steps, for greedy and seeded
-    sampled requests whose lengths are not multiples of 3, one of them stopped
-    by a stop token inside a 3-step call."""
-    from jaxinfer.scheduler import Request, Scheduler, SchedulerLimits
-
-    class Tok:  # the scheduler's view of a tokenizer; text is not compared here
-        eos_ids, vocab_size = (), LLAMA_TINY.vocab_size
-
-    class Detok:
-        def __init__(self, tok):
-            pass
-
-        def add(self, ids):
-            return ""
-
-        def flush(self):
-            return ""
-
-    one = Engine(make_model(LLAMA_TINY, seed=5), dataclasses.replace(ENGINE_CFG, lazy_compile=True))
-    eng = Engine(make_model(LLAMA_TINY, seed=5), dataclasses.replace(ENGINE_CFG, decode_steps=3, lazy_compile=True))
-    prompts = [prompt_of(n, seed=200 + n) for n in (3, 11, 20, 7, 30)]
-    params = [SamplingParams(logprobs=1), SamplingParams(temperature=0.8, seed=3, logprobs=1),
-              SamplingParams(logprobs=1), SamplingParams(temperature=1.1, top_k=20, seed=8, logprobs=1),
-              SamplingParams(logprobs=1)]
-    lengths = [10, 8, 13, 5, 16]
-    ref = [generate(one, [p], [sp], max_tokens=n, ignore_eos=True)[0] for p, sp, n in zip(prompts, params, lengths)]
-    stop = ref[2]["token_ids"][4]  # the fifth token: inside the second 3-step call
-    ref[2] = generate(one, [prompts[2]], [params[2]], max_tokens=13, stop_token_ids=[stop], ignore_eos=True)[0]
-    assert len(ref[2]["token_ids"]) <= 5
-    for i, want in enumerate(ref):
-        got = generate(eng, [prompts[i]], [params[i]], max_tokens=lengths[i], ignore_eos=True,
-                           stop_token_ids=[stop] if i == 2 else None)[0]
-        assert got["token_ids"] == want["token_ids"] and got["finish_reason"] == want["finish_reason"]
-        np.testing.assert_allclose(got["logprobs"], want["logprobs"], atol=1e-5)
+    """decode(rows, pages, 3) -- three steps in one device loop -- gives the same
+    tokens, logprobs and top alternatives as one-step calls, for a seeded
+    sampled row and a greedy one, across a page-table bucket boundary."""
+    eng = Engine(make_model(engine.cfg), engine_config(engine.cfg, decode_steps=3, lazy_compile=True))
+    prompts = [prompt_of(120, 31)[:28], prompt_of(9, 32)]
+    params = [SamplingParams(temperature=0.9, seed=4, logprobs=5), SamplingParams(logprobs=2)]
+    single = drive(eng, prompts, params, max_tokens=10)
+    multi = drive(eng, prompts, params, max_tokens=10, steps=3)
+    for a, b in zip(single, multi):
+        _same(a["tokens"], b["tokens"])
     assert any(k[0] == "decode_k" for k in eng._compiled)
-    eng._compiled = {k: v for k, v in eng._compiled.items() if k[0] != "decode_k"}  # the scheduler must run them too
-    sched = Scheduler(eng, Tok(), SchedulerLimits(), detokenizer=Detok).start()
-    try:
-        streams = [sched.submit(Request(tuple(p), max_tokens=n, sampling=sp, ignore_eos=True, return_logprobs=True,
-                                        stop_token_ids=(stop,) if i == 2 else ()))
-                   for i, (p, sp, n) in enumerate(zip(prompts, params, lengths))]
-        for want, st in zip(ref, streams):
-            events = list(st)
-            got = [t for e in events for t in e.token_ids]
-            assert got == want["token_ids"]
-            lps = [lp.logprob for e in events for lp in e.logprobs]
-            np.testing.assert_allclose(lps, want["logprobs"], atol=1e-5)
-    finally:
-        sched.close()
-    assert any(k[0] == "decode_k" for k in eng._compiled), "the scheduler never ran 3 steps in one call"
+    assert len(set(single[0]["token_ids"])) > 1  # not a constant stream
+    with pytest.raises(ValueError, match="decode_steps=3"):
+        eng.decode([0], {0: [0]}, steps=2)
 
 
 def test_prefill_many_equals_one_at_a_time(engine: Engine):
-    """Three prompts prefilled in one call (a fourth, padding row writes
+    """Three prompts prefilled in one call (a fourth, padding piece writes
     nothing) give the same first tokens, logprobs and following decode steps as
-    three separate prefills, and leave another slot's sequence alone."""
+    three separate prefills, and leave another row's sequence alone."""
     prompts = [prompt_of(5, 41), prompt_of(16, 42), prompt_of(9, 43)]
     params = [SamplingParams(logprobs=3), SamplingParams(temperature=0.8, seed=9, logprobs=2),
-              SamplingParams(temperature=1.0, top_k=20, repetition_penalty=1.2)]
-    assert engine.prefill_many_limit == 16 and engine.config.prefill_rows == 4
+              SamplingParams(temperature=1.0, top_k=20, repetition_penalty=1.2, seed=21)]
+    assert engine.prefill_many_limit == 16 and engine.prefill_rows == 4
 
     def run(together: bool):
-        bystander = engine.prefill(1, prompt_of(20, 44), SamplingParams(logprobs=1))
-        items = list(zip((0, 2, 3), prompts, params))
-        firsts = engine.prefill_many(items) if together else [engine.prefill(*it) for it in items]
-        steps = [engine.decode([0, 1, 2, 3]).result() for _ in range(4)]
-        for slot in range(4):
-            engine.release(slot)
+        alloc = PageAllocator(engine.num_pages, seed=int(together))
+        tables = {r: alloc.take(4) for r in range(4)}
+        bystander = engine.prefill(1, prompt_of(20, 44), SamplingParams(logprobs=1), pages=tables[1])
+        items = [(r, p, sp, 0, tables[r]) for r, p, sp in zip((0, 2, 3), prompts, params)]
+        firsts = (engine.prefill_many(items) if together else
+                  [engine.prefill(r, p, sp, pages=pg) for r, p, sp, _, pg in items])
+        steps = [engine.decode([0, 1, 2, 3], tables).result() for _ in range(4)]
+        for r in range(4):
+            engine.release(r)
         return [bystander, *firsts] + [t for step in steps for t in step.values()]
 
-    together, alone = run(True), run(False)
-    assert [t.token for t in together] == [t.token for t in alone]
-    assert [t.top_ids for t in together] == [t.top_ids for t in alone]
-    np.testing.assert_allclose([t.logprob for t in together], [t.logprob for t in alone], atol=1e-5)
+    _same(run(True), run(False))
+    pg = list(range(4))
     with pytest.raises(ValueError, match="at most 16 tokens"):
-        engine.prefill_many([(0, prompt_of(17), SamplingParams()), (1, prompt_of(3), SamplingParams())])
+        engine.prefill_many([(0, prompt_of(17), SamplingParams(), 0, pg), (1, prompt_of(3), SamplingParams(), 0, pg)])
     with pytest.raises(ValueError, match="distinct"):
-        engine.prefill_many([(0, prompt_of(3), SamplingParams()), (0, prompt_of(3), SamplingParams())])
+        engine.prefill_many([(0, prompt_of(3), SamplingParams(), 0, pg), (0, prompt_of(3), SamplingParams(), 0, pg)])
     with pytest.raises(ValueError, match="prefill_rows=4"):
-        engine.prefill_many([(i, prompt_of(3), SamplingParams()) for i in range(5)])
+        engine.prefill_many([(i, prompt_of(3), SamplingParams(), 0, pg) for i in range(5)])
 
 
 def test_batch_equals_alone(engine: Engine):
@@ -305,79 +183,126 @@ def test_batch_equals_alone(engine: Engine):
         (prompt_of(3, 3), SamplingParams(temperature=1.0, top_p=0.9, seed=11, repetition_penalty=1.3)),
         (prompt_of(33, 4), SamplingParams(temperature=0.7, min_p=0.05, seed=5, presence_penalty=0.5,
                                           frequency_penalty=0.3)),
-        (prompt_of(12, 5), SamplingParams(temperature=1.2, seed=3)),
     ]
-    together = generate(engine, [p for p, _ in reqs], [s for _, s in reqs], max_tokens=10, ignore_eos=True)
-    for (p, s), res in zip(reqs, together):
-        alone = generate(engine, [p], s, max_tokens=10, ignore_eos=True)[0]
+    together = drive(engine, [p for p, _ in reqs], [s for _, s in reqs], max_tokens=10)
+    for i, ((p, s), res) in enumerate(zip(reqs, together)):
+        alone = drive(engine, [p], [s], max_tokens=10, rows=[3 - i])[0]
         assert alone["token_ids"] == res["token_ids"]
-        assert len(res["token_ids"]) == 10 and res["finish_reason"] == "length"
+        np.testing.assert_allclose(alone["logprobs"], res["logprobs"], atol=2e-5)
 
 
-def test_cache_is_donated(engine: Engine):
-    """Each call donates the cache blocks its span reads and consumes them (updated
-    in place, no second copy); blocks past the span are passed through untouched."""
-    c = engine.state.cache
-    blocks = len(c.k[0])
-    assert blocks == len(engine.spans) and len(jax.tree.leaves(c)) == 2 * engine.cfg.num_layers * blocks
-    first = [layer[0] for layer in c.k + c.v]
-    later = [b for layer in c.k + c.v for b in layer[1:]]
-    engine.prefill(1, prompt_of(4), SamplingParams())  # span 32: the first block only
-    assert all(b.is_deleted() for b in first), "prefill must consume every donated cache buffer"
-    new = engine.state.cache
-    assert not any(b.is_deleted() for b in later)
-    assert all(a is b for a, b in zip(later, [b for layer in new.k + new.v for b in layer[1:]]))
-    mid = jax.tree.leaves(new)
-    engine.prefill(2, prompt_of(70), SamplingParams())  # in chunks; the last one spans every block
-    assert all(b.is_deleted() for b in mid), "a full-span prefill must consume every cache buffer"
-    mid = jax.tree.leaves(engine.state.cache)
-    engine.decode([1, 2]).result()  # slot 2 holds 70 positions: span 128, every block
-    assert all(b.is_deleted() for b in mid), "decode must consume every donated cache buffer"
+def test_unseeded_sampled_requests_draw_their_own_seeds(engine: Engine):
+    prompt, sp = prompt_of(6, 50), SamplingParams(temperature=1.5)
+    runs = {tuple(drive(engine, [prompt], sp, max_tokens=12)[0]["token_ids"]) for _ in range(3)}
+    assert len(runs) > 1
+
+
+def test_pool_is_donated(engine: Engine):
+    """Every call consumes the donated pool and decode state (updated in place,
+    no second copy of the pool)."""
+    pages = list(range(4))
+    for call in (lambda: engine.prefill(1, prompt_of(4), SamplingParams(), pages=pages),
+                 lambda: engine.decode([1], {1: pages}).result(),
+                 lambda: engine.score(prompt_of(4), prompt_of(4, 1), pages=pages)):
+        before = jax.tree.leaves(engine.pool) + ([engine.state.counts])
+        call()
+        assert all(b.is_deleted() for b in before)
     engine.release(1)
-    engine.release(2)
 
 
 def test_no_recompilation_while_serving(engine: Engine):
+    """After compile(), prefill (fresh, chunked, over a prefix), decode of any
+    rows and width, and score compile nothing."""
     events: list[str] = []
 
     def listener(name, *args, **kwargs):
         if "compile" in name:
             events.append(name)
 
+    assert not engine.config.lazy_compile
     jax.monitoring.register_event_duration_secs_listener(listener)
     try:
         rng = np.random.default_rng(0)
-        prompts = [prompt_of(int(n), seed=i) for i, n in enumerate(rng.integers(1, 100, 50))]
-        params = [
-            SamplingParams(temperature=float(rng.choice([0.0, 0.7])), top_k=int(rng.choice([0, 5])),
-                           top_p=float(rng.choice([1.0, 0.9])), seed=i, logprobs=int(rng.integers(0, 4)))
-            for i in range(50)
-        ]
-        out = generate(engine, prompts, params, max_tokens=int(8), ignore_eos=True)
-        assert all(len(r["token_ids"]) == 8 for r in out)
+        prompts = [prompt_of(int(n), seed=i) for i, n in enumerate(rng.integers(1, 100, 4))]
+        params = [SamplingParams(temperature=float(rng.choice([0.0, 0.7])), top_k=int(rng.choice([0, 5])),
+                                 seed=i, logprobs=int(rng.integers(0, 4))) for i in range(4)]
+        out = drive(engine, prompts, params, max_tokens=20)
+        assert all(len(r["token_ids"]) == 20 for r in out)
+        drive(engine, prompts[:1], max_tokens=3, rows=[2])
+        pages = list(range(12))
+        engine.score(prompt_of(50), prompt_of(50, 1)[:50], pages=pages) if engine.prefill_chunk >= 50 else None
+        engine.score(prompt_of(30), prompt_of(30, 1), pages=pages)
+        engine.score(prompt_of(9), prompt_of(9, 1), pages=pages, start=30)
+        engine.prefill_many([(0, prompt_of(9), SamplingParams(), 16, pages), (1, prompt_of(3), SamplingParams(), 0,
+                                                                              pages[6:])])
+        engine.release(0)
+        engine.release(1)
     finally:
         jax.monitoring.clear_event_listeners()
     backend = [e for e in events if "backend_compile" in e]
     assert backend == [], f"compiled while serving: {events}"
 
 
-def test_decode_reads_only_what_it_needs(engine: Engine):
-    """A short decode attends a short span over a prefix of the slots; the full
-    span and every slot only when needed."""
-    assert engine.spans[0] < engine.max_len and engine.decode_rows[0] < engine.num_slots
-    engine.prefill(0, prompt_of(3), SamplingParams())
-    engine.decode([0]).result()
-    assert engine.last_decode_variant == (1, engine.spans[0])
-    engine.prefill(3, prompt_of(100), SamplingParams())
-    engine.decode([0, 3]).result()
-    assert engine.last_decode_variant == (engine.num_slots, 128)
-    engine.release(0)
-    engine.release(3)
+def test_covering_programs_serve_everything():
+    """With only the covering programs compiled, every call runs (on a wider
+    program) and gives the same tokens as the exact ones."""
+    cfg = engine_config(LLAMA_TINY)
+    full = Engine(make_model(LLAMA_TINY), cfg)
+    full.compile(progress=False)
+    few = Engine(make_model(LLAMA_TINY), cfg)
+    few.compile(few.covering_variants(), progress=False)
+    assert few.programs_compiled == len(few.covering_variants()) < full.programs_compiled
+    prompts = [prompt_of(n, seed=n) for n in (3, 20, 45)]
+    a = drive(full, prompts, max_tokens=6)
+    b = drive(few, prompts, max_tokens=6)
+    for x, y in zip(a, b):
+        assert x["token_ids"] == y["token_ids"]
+        np.testing.assert_allclose(x["logprobs"], y["logprobs"], atol=2e-5)
 
 
-def test_prompt_too_long_is_rejected(engine: Engine):
+def test_pool_sizing_and_describe():
+    cfg = engine_config(LLAMA_TINY, num_pages=10, max_len=None)
+    eng = Engine(make_model(LLAMA_TINY), cfg)
+    assert eng.num_pages == 10 and eng.max_len == 80  # clipped to the pool
+    assert eng.pool.k.shape == (2, 11, PAGE, 3, 8)  # one trash page
+    assert "10 pages x 8 tokens" in eng.describe()
+    s = eng.stats()
+    assert s.pool_bytes == 2 * 2 * 11 * 8 * 3 * 8 * 4 and s.bytes_per_token == 384
+    with pytest.raises(ValueError, match="holds no page"):
+        Engine(make_model(LLAMA_TINY), dataclasses.replace(cfg, kv_cache_bytes=100))
+    with pytest.raises(ValueError, match="max_seqs"):
+        Engine(make_model(LLAMA_TINY), dataclasses.replace(cfg, max_seqs=0))
+
+
+def test_bad_calls_are_rejected(engine: Engine):
     with pytest.raises(ValueError, match="max_len=128"):
-        engine.prefill(0, prompt_of(128), SamplingParams())
+        engine.prefill(0, prompt_of(20), SamplingParams(), pages=list(range(20)), start=110)
+    with pytest.raises(ValueError, match="need 20"):
+        engine.prefill(0, prompt_of(20), SamplingParams(), pages=[0, 1])
+    with pytest.raises(ValueError, match="out of range"):
+        engine.prefill(0, prompt_of(3), SamplingParams(), pages=[engine.num_pages])
+    with pytest.raises(ValueError, match="max_seqs=4"):
+        engine.prefill(4, prompt_of(3), SamplingParams(), pages=[0])
+    with pytest.raises(ValueError, match="prefill_chunk=32"):
+        engine.prefill(0, prompt_of(33), SamplingParams(), pages=list(range(5)))
+
+
+def test_bfloat16_weights_are_held_as_float32_on_cpu():
+    """XLA CPU has no bfloat16 matmul: a CPU engine holds bfloat16 weights as
+    float32, and gives the tokens of an engine given the same values as float32."""
+    cfg = engine_config(LLAMA_TINY, lazy_compile=True)
+    w = {k: jnp.asarray(v).astype(jnp.bfloat16) for k, v in random_weights(LLAMA_TINY, seed=3, scale=0.15).items()}
+    e16 = Engine(Transformer(LLAMA_TINY, params=nest(w)), cfg)
+    forced = Engine(Transformer(LLAMA_TINY, params=nest(w)), dataclasses.replace(cfg, weight_dtype="bfloat16"))
+    assert e16.checkpoint_dtype == jnp.bfloat16 and forced.dtype == jnp.bfloat16
+    assert forced.pool.k.dtype == jnp.bfloat16
+    if jax.default_backend() == "cpu":
+        e32 = Engine(Transformer(LLAMA_TINY, params=nest({k: v.astype(jnp.float32) for k, v in w.items()})), cfg)
+        assert e16.dtype == jnp.float32 and e16.pool.k.dtype == jnp.float32
+        assert "weights float32 (checkpoint bfloat16)" in e16.describe()
+        prompt, params = prompt_of(20, seed=9), SamplingParams(logprobs=5)
+        got, want = (drive(e, [prompt], params, max_tokens=6)[0] for e in (e16, e32))
+        assert got["token_ids"] == want["token_ids"] and got["logprobs"] == want["logprobs"]
 
 
 # --- sampling statistics on hand-made logits --------------------------------
@@ -507,7 +432,6 @@ def _filtered_probs(x: np.ndarray, temperature=1.0, top_k=0, top_p=1.0, min_p=0.
     return p
 
 
-@pytest.mark.slow  # compiles the sampler over a 262144-token vocabulary
 def test_large_vocabulary_sampling_follows_the_filters():
     """Each path of the sampler (candidates, two-level draw over the whole
     vocabulary, bisection) on a vocabulary of 8192: every token lies in the
@@ -543,19 +467,19 @@ def test_greedy_and_seed_reproducible():
     np.testing.assert_array_equal(a, b)
 
 
-@pytest.mark.slow  # compiles a 32-slot engine
 def test_seeded_request_same_beside_31_others():
-    """A seeded sampled request yields the same tokens alone (slot 0) and as slot 15
-    of 32 concurrent requests with their own parameters."""
+    """A seeded sampled request yields the same tokens alone (row 0) and as row
+    15 of 32 concurrent requests with their own parameters."""
     eng = Engine(make_model(LLAMA_TINY, seed=3),
-                 EngineConfig(slots=32, max_len=64, prefill_buckets=(16,), min_span=64, decode_rows=(1,)))
+                 engine_config(LLAMA_TINY, max_seqs=32, max_len=64, prefill_buckets=(16,), decode_batches=(1,),
+                               num_pages=256))
     eng.compile(progress=False)
     prompt, params = prompt_of(9, 99), SamplingParams(temperature=1.0, top_p=0.95, seed=1234, logprobs=3)
-    alone = generate(eng, [prompt], params, max_tokens=12, ignore_eos=True)[0]
+    alone = drive(eng, [prompt], params, max_tokens=12)[0]
     others = [(prompt_of(n % 15 + 1, seed=n), SamplingParams(temperature=0.5 + n / 40, top_k=n % 7, seed=n))
               for n in range(31)]
     batch = others[:15] + [(prompt, params)] + others[15:]
-    res = generate(eng, [p for p, _ in batch], [s for _, s in batch], max_tokens=12, ignore_eos=True)
+    res = drive(eng, [p for p, _ in batch], [s for _, s in batch], max_tokens=12)
     assert res[15]["token_ids"] == alone["token_ids"]
     np.testing.assert_allclose(res[15]["logprobs"], alone["logprobs"], atol=1e-5)
     assert len({tuple(r["token_ids"]) for r in res}) > 20  # the others really sampled their own tokens

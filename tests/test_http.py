@@ -59,7 +59,7 @@ class Served:
 
     def idle(self) -> None:
         wait_for(lambda: self.server.scheduler.load().live_requests == 0)
-        assert self.engine.active_slots() == 0
+        assert self.engine.active_rows() == 0
 
 
 def wait_for(cond, timeout=10.0):
@@ -364,7 +364,7 @@ def test_429_when_the_queue_is_full(http_fakes):
     try:
         eng.gate.clear()  # the loop blocks in its first decode: nothing leaves the queue
         held = [sched.submit(Request(tuple(ids("a")), 4))]
-        wait_for(lambda: eng.active_slots() == 1)
+        wait_for(lambda: eng.active_rows() == 1)
         held += [sched.submit(Request(tuple(ids("a")), 4)) for _ in range(2)]
         err = error_of(s.post("/v1/completions", {"prompt": "a", "max_tokens": 1}), 429)
         assert "max_queue_requests=2" in err["message"]
@@ -384,7 +384,7 @@ def test_503_while_draining(http_fakes):
     try:
         eng.gate.clear()
         inflight = s.server.scheduler.submit(Request(tuple(ids("a")), 3))
-        wait_for(lambda: eng.active_slots() == 1)
+        wait_for(lambda: eng.active_rows() == 1)
         drained = threading.Thread(target=s.server.scheduler.drain, args=(10.0,))
         drained.start()
         wait_for(lambda: not s.server.scheduler.load().accepting)
@@ -438,7 +438,7 @@ def test_disconnect_frees_the_slot_within_a_step(http_fakes, stream):
                 with pytest.raises(httpx.ReadTimeout):
                     c.post(s.url + "/v1/completions", json=body, timeout=0.3)
         gone_at = engine.decode_calls
-        wait_for(lambda: engine.active_slots() == 0, timeout=5)
+        wait_for(lambda: engine.active_rows() == 0, timeout=5)
         assert engine.decode_calls - gone_at <= 3  # freed within a step or so of the close being seen
         assert engine.decode_calls < 55  # not decoded to the end
         s.idle()

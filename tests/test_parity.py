@@ -2,8 +2,9 @@
 
 Random small configs of each family are built in transformers, saved as
 safetensors, converted with ``jaxinfer convert``'s code path, restored from
-Orbax, and compared: whole-model logits and per-layer hidden states, then
-greedy generation through the compiled engine against ``model.generate``.
+Orbax, and compared: whole-model logits and per-layer hidden states (the one
+forward, without a cache), then greedy generation through the compiled engine
+(paged prefill + decode) against transformers' own incremental decoding.
 """
 
 from __future__ import annotations
@@ -18,9 +19,9 @@ from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig, Qw
 
 from jaxinfer.checkpoint import convert, load_checkpoint
 from jaxinfer.engine.engine import Engine, EngineConfig
-from jaxinfer.model.transformer import KVCache, Transformer, rms_norm
+from jaxinfer.model.transformer import Transformer, rms_norm
+from tests.helpers.drive import drive
 from tests.helpers.reference import hf_greedy
-from tests.helpers.scheduled import generate
 
 SMALL = dict(vocab_size=320, hidden_size=64, intermediate_size=112, num_attention_heads=4, max_position_embeddings=256)
 
@@ -66,9 +67,8 @@ def test_logits_match(pair):
     with torch.no_grad():
         out = hf(torch.tensor(toks), output_hidden_states=True)
     model = Transformer(ckpt.config, params=ckpt.params)
-    cache = KVCache.zeros(ckpt.config, 2, SEQ, jnp.float32)
     pos = jnp.broadcast_to(jnp.arange(SEQ, dtype=jnp.int32), (2, SEQ))
-    hidden, _ = model(jnp.asarray(toks, jnp.int32), pos, cache, None, SEQ)
+    hidden, _ = model(jnp.asarray(toks, jnp.int32), pos)
     logits = np.asarray(model.logits(hidden))
     ref = out.logits.numpy()
     assert np.abs(ref).max() > 1.0, "logits too flat to be a meaningful comparison"
@@ -89,7 +89,7 @@ def test_per_layer_hidden_states(pair):
         sub = dataclasses.replace(cfg, num_layers=n, layer_types=cfg.layer_kinds[:n])
         params = {**ckpt.params, "layers": {k: v[:n] for k, v in ckpt.params["layers"].items()}}
         model = Transformer(sub, params=params)
-        h, _ = model(jnp.asarray(toks, jnp.int32), pos, KVCache.zeros(sub, 2, SEQ, jnp.float32), None, SEQ)
+        h, _ = model(jnp.asarray(toks, jnp.int32), pos)
         expect = rms_norm(jnp.asarray(ref[n].numpy()), ckpt.params["final_norm"], cfg.rms_norm_eps, cfg.norm_offset)
         np.testing.assert_allclose(np.asarray(h), np.asarray(expect), atol=2e-4, rtol=0, err_msg=f"{name} layer {n - 1}")
 
@@ -98,8 +98,9 @@ def test_per_layer_hidden_states(pair):
 def test_engine_greedy_matches_generate(pair):
     name, hf, ckpt = pair
     model = Transformer(ckpt.config, params=ckpt.params)
-    eng = Engine(model, EngineConfig(slots=2, max_len=128, prefill_buckets=(16, 64), min_span=64, lazy_compile=True))
+    eng = Engine(model, EngineConfig(max_seqs=2, max_len=128, page_size=8, prefill_buckets=(16, 64),
+                                     kv_cache_bytes=1 << 20, lazy_compile=True))
     prompts = [list(map(int, tokens(n, seed=n)[0])) for n in (5, 33)]
-    res = generate(eng, prompts, max_tokens=16, ignore_eos=True)
+    res = drive(eng, prompts, max_tokens=16)
     for p, r in zip(prompts, res):
         assert r["token_ids"] == hf_greedy(hf, p, 16), name

@@ -1,15 +1,24 @@
-"""Scheduler against the hand-computable fake engine of ``tests.helpers.fakes``
-(next token = last + 1, so every stream's expected output is known in advance)."""
+"""Scheduler against a hand-computable fake engine.
+
+The fake engine keeps a paged pool: it writes every token through the page table it is given
+and computes its next token, ``(last token + 1) % V``, and its logprob, a checksum of the whole
+sequence, from what it reads back through that table. So every stream's expected output is
+known in advance and a wrong page table (a bad prefix-cache hit, a page freed too early)
+changes it; it checks the engine contract (chunks in order, positions before ``start`` written,
+no decode of a released or unprefilled row, no write into a page another row holds, nothing
+past max_len, every call from one thread). The fake tokenizer maps ids 0..94 to the printable
+ASCII characters.
+"""
 
 from __future__ import annotations
 
 import random
 import threading
 import time
+from typing import Sequence
 
 import pytest
 
-from jaxinfer.engine.engine import Engine, EngineConfig
 from jaxinfer.engine.types import SamplingParams
 from jaxinfer.metrics import Metrics
 from jaxinfer.scheduler import (
@@ -22,11 +31,11 @@ from jaxinfer.scheduler import (
     SchedulerLimits,
     StopStringMatcher,
 )
+
 from tests.helpers import wait_for
 from tests.helpers.fakes import (
     BOS,
     EOS,
-    LOGPROB,
     V,
     FakeDetokenizer,
     FakeEngine,
@@ -34,8 +43,8 @@ from tests.helpers.fakes import (
     GroupingFakeEngine,
     MultiStepFakeEngine,
     expected,
+    logprob_of,
 )
-from tests.helpers.tiny import LLAMA_TINY, make_model
 
 
 def make(engine: FakeEngine | None = None, tok: FakeTokenizer | None = None, **limits) -> Scheduler:
@@ -66,8 +75,11 @@ def sched():
 def assert_idle(s: Scheduler) -> None:
     wait_for(lambda: s.load().live_requests == 0)
     load = s.load()
-    assert (load.active_slots, load.queue_requests, load.queue_tokens) == (0, 0, 0)
-    assert s.engine.active_slots() == 0
+    assert (load.active_seqs, load.queue_requests, load.queue_tokens) == (0, 0, 0)
+    assert s.engine.active_rows() == 0
+    wait_for(lambda: s.blocks.stats().used == 0)  # every page free or cached once nothing runs
+    pages = s.blocks.stats()
+    assert pages.free + pages.cached == s.num_pages
     started = s.metrics.value("jaxinfer_requests_started_total")
     assert started == sum(s.metrics.finished_by_reason().values())
 
@@ -110,8 +122,10 @@ def test_logprobs_with_top_alternatives(sched):
     events, out, _, _ = collect(sched.submit(req))
     lps = [lp for e in events for lp in e.logprobs]
     assert [lp.token for lp in lps] == out
-    assert all(lp.logprob == LOGPROB for lp in lps)
-    assert lps[0].top_ids == (out[0], out[0] + 1) and lps[0].top_logprobs == (LOGPROB, LOGPROB - 1)
+    seqs = [list(ids("a")) + out[:i] for i in range(3)]  # what the engine read for each token
+    assert [lp.logprob for lp in lps] == [logprob_of(q) for q in seqs]
+    lp0 = logprob_of(seqs[0])
+    assert lps[0].top_ids == (out[0], out[0] + 1) and lps[0].top_logprobs == (lp0, lp0 - 1)
 
 
 def test_eos_stops_and_ignore_eos_continues(sched):
@@ -193,11 +207,11 @@ def test_32_concurrent_streams_equal_solo_runs():
         prompt = tuple(rng.randrange(0, 95) for _ in range(rng.randrange(1, 20)))
         reqs.append(Request(prompt, max_tokens=rng.randrange(1, 30), request_id=f"r{i}", stop=("~",) if i % 5 == 0 else ()))
     solo = {}
-    s = make(FakeEngine(num_slots=1))
+    s = make(FakeEngine(max_seqs=1))
     for r in reqs:
         solo[r.request_id] = collect(s.submit(r))
     s.close()
-    s = make(FakeEngine(num_slots=4, prefill_chunk=4), max_queue_requests=64)
+    s = make(FakeEngine(max_seqs=4, prefill_chunk=4), max_queue_requests=64)
     streams = [s.submit(r) for r in reqs]
     results = {}
     threads = [threading.Thread(target=lambda st=st: results.__setitem__(st.request_id, collect(st))) for st in streams]
@@ -216,7 +230,7 @@ def test_32_concurrent_streams_equal_solo_runs():
 
 
 def test_long_prompt_chunks_interleave_with_running_decode():
-    eng = FakeEngine(num_slots=2, max_len=128, prefill_chunk=4, step_delay=0.002)
+    eng = FakeEngine(max_seqs=2, max_len=128, prefill_chunk=4, step_delay=0.002)
     s = make(eng)
     a = s.submit(Request(ids("a"), max_tokens=80, ignore_eos=True))
     it = iter(a)
@@ -240,7 +254,7 @@ def test_short_whole_prompts_share_one_prefill_call():
     prefill_many call (at most prefill_rows, within the budget); a long prompt
     breaks the run and is chunked as usual. When a group's call fails, its
     prompts are retried one at a time, so only the bad one ends in error."""
-    eng = GroupingFakeEngine(num_slots=8, max_len=64, prefill_chunk=8, fail_prefill_token=90)
+    eng = GroupingFakeEngine(max_seqs=8, max_len=64, prefill_chunk=8, fail_prefill_token=90)
     hold = eng.hold = threading.Event()
     s = make(eng, prefill_budget=64)
     blocker = s.submit(Request((9,) * 5, max_tokens=3, ignore_eos=True))  # slot 0; its prefill waits for hold
@@ -263,7 +277,7 @@ def test_short_whole_prompts_share_one_prefill_call():
     assert alone == [0, 1, 2, 3, 4, 5, 6, 7]  # this fake's group call runs prefill per prompt; 6, 7 retried
     long = [c for c in eng.calls if c[0] == "prefill" and c[1] == 5]
     assert [c[2:5] for c in long] == [(0, 8, False), (8, 2, True)]
-    assert eng.violations == [] and eng.active_slots() == 0
+    assert eng.violations == [] and eng.active_rows() == 0
 
 
 def test_multi_step_decode_gives_the_same_streams():
@@ -271,7 +285,7 @@ def test_multi_step_decode_gives_the_same_streams():
     steps give: a sequence that stops inside a call (EOS, a stop token,
     max_tokens) ignores the tokens after its stop, and a slot too near the end
     of the cache for 3 more steps makes the scheduler dispatch one at a time."""
-    eng = MultiStepFakeEngine(num_slots=4, max_len=24, prefill_chunk=8)
+    eng = MultiStepFakeEngine(max_seqs=4, max_len=24, prefill_chunk=8)
     s = make(eng, max_queue_requests=100)
     rng = random.Random(7)
     reqs = [Request(tuple(rng.randrange(0, 95) for _ in range(rng.randrange(1, 8))), max_tokens=rng.randrange(1, 12))
@@ -292,12 +306,12 @@ def test_multi_step_decode_gives_the_same_streams():
         s.close()
     kinds = [c[0] for c in eng.calls]
     assert kinds.count("decode_k") > 10 and kinds.count("decode_1") >= 1  # single steps near max_len
-    assert eng.violations == [] and eng.active_slots() == 0
+    assert eng.violations == [] and eng.active_rows() == 0
 
 
 def test_slot_reuse_with_pipelined_decode_drops_stale_tokens():
     # 2 slots, many short requests: slots are freed and re-prefilled while a step is in flight.
-    eng = FakeEngine(num_slots=2, prefill_chunk=3)
+    eng = FakeEngine(max_seqs=2, prefill_chunk=3)
     s = make(eng, max_queue_requests=200)
     rng = random.Random(1)
     reqs = [Request(tuple(rng.randrange(0, 95) for _ in range(rng.randrange(1, 8))), max_tokens=rng.randrange(1, 6))
@@ -319,7 +333,7 @@ def decodes_with(eng: FakeEngine, slot: int, after: float) -> int:
 
 
 def test_cancel_frees_slot_within_one_step():
-    eng = FakeEngine(num_slots=2, max_len=512, step_delay=0.005)
+    eng = FakeEngine(max_seqs=2, max_len=512, step_delay=0.005)
     s = make(eng)
     keep = s.submit(Request(ids("a"), max_tokens=200, ignore_eos=True))
     st = s.submit(Request(ids("b"), max_tokens=200, ignore_eos=True))
@@ -333,7 +347,7 @@ def test_cancel_frees_slot_within_one_step():
     slot = 1
     assert decodes_with(eng, slot, t_cancel) <= 1  # at most the step dispatched while cancelling
     assert any(c[0] == "release" and c[1] == slot and c[2] >= t_cancel for c in eng.calls)
-    wait_for(lambda: s.load().active_slots == 1)
+    wait_for(lambda: s.load().active_seqs == 1)
     keep.cancel()
     assert collect(keep)[3].finish_reason == "cancelled"
     assert_idle(s)
@@ -341,7 +355,7 @@ def test_cancel_frees_slot_within_one_step():
 
 
 def test_deadline_frees_slot_and_queued_requests_expire():
-    eng = FakeEngine(num_slots=1, max_len=512, step_delay=0.004)
+    eng = FakeEngine(max_seqs=1, max_len=512, step_delay=0.004)
     s = make(eng)
     st = s.submit(Request(ids("a"), max_tokens=300, ignore_eos=True, deadline=time.monotonic() + 0.1))
     queued = s.submit(Request(ids("b"), max_tokens=3, deadline=time.monotonic() + 0.02))  # never gets the slot
@@ -355,11 +369,11 @@ def test_deadline_frees_slot_and_queued_requests_expire():
 
 
 def test_queue_bounded_by_requests_and_tokens():
-    eng = FakeEngine(num_slots=1)
+    eng = FakeEngine(max_seqs=1)
     eng.gate = threading.Event()  # decode results wait: the slot stays busy
     s = make(eng, max_queue_requests=2, max_queue_tokens=10)
     busy = s.submit(Request(ids("a"), max_tokens=5))
-    wait_for(lambda: s.load().active_slots == 1)
+    wait_for(lambda: s.load().active_seqs == 1)
     q1 = s.submit(Request((1, 2, 3), max_tokens=2))
     with pytest.raises(QueueFullError, match=r"prompt tokens waiting \+ 8 > limit max_queue_tokens=10"):
         s.submit(Request((1,) * 8, max_tokens=2))
@@ -376,7 +390,7 @@ def test_queue_bounded_by_requests_and_tokens():
 
 
 def test_one_failing_request_does_not_disturb_others():
-    eng = FakeEngine(num_slots=4, fail_prefill_token=90)
+    eng = FakeEngine(max_seqs=4, fail_prefill_token=90)
     tok = FakeTokenizer(poison=[ord("#") - 32])
     s = make(eng, tok)
     good = [s.submit(Request(ids(p), max_tokens=6)) for p in ("a", "k", "p")]
@@ -394,7 +408,7 @@ def test_one_failing_request_does_not_disturb_others():
 
 
 def test_failed_decode_step_ends_its_requests_only():
-    eng = FakeEngine(num_slots=2, step_delay=0.002)
+    eng = FakeEngine(max_seqs=2, step_delay=0.002)
     s = make(eng)
     a = s.submit(Request(ids("a"), max_tokens=20))
     it = iter(a)
@@ -408,7 +422,7 @@ def test_failed_decode_step_ends_its_requests_only():
 
 
 def test_drain_finishes_inflight_and_refuses_new():
-    eng = FakeEngine(num_slots=2, step_delay=0.002)
+    eng = FakeEngine(max_seqs=2, step_delay=0.002)
     s = make(eng)
     running = [s.submit(Request(ids("a"), max_tokens=20)) for _ in range(3)]  # one waits in the queue
     results = []
@@ -423,7 +437,7 @@ def test_drain_finishes_inflight_and_refuses_new():
 
 
 def test_drain_grace_elapsed_cancels_the_rest():
-    eng = FakeEngine(num_slots=1, max_len=4096, step_delay=0.005)
+    eng = FakeEngine(max_seqs=1, max_len=4096, step_delay=0.005)
     s = make(eng)
     st = s.submit(Request(ids("a"), max_tokens=4000, ignore_eos=True))
     next(iter(st))
@@ -435,11 +449,11 @@ def test_drain_grace_elapsed_cancels_the_rest():
 
 
 def test_close_ends_live_streams():
-    eng = FakeEngine(num_slots=1)
+    eng = FakeEngine(max_seqs=1)
     eng.gate = threading.Event()
     s = make(eng)
     st = s.submit(Request(ids("a"), max_tokens=5))
-    wait_for(lambda: s.load().active_slots == 1)
+    wait_for(lambda: s.load().active_seqs == 1)
     closer = threading.Thread(target=s.close)
     closer.start()
     eng.gate.set()
@@ -459,18 +473,216 @@ def test_score_runs_on_the_loop_thread_between_steps(sched):
     assert sched.score((5,), (6, 7)).is_greedy
     with pytest.raises(InvalidRequestError, match="continuation is empty"):
         sched.score((5,), ())
-    with pytest.raises(InvalidRequestError, match="exceeds max_len=64"):
+    with pytest.raises(InvalidRequestError, match="= 65 exceeds the context limit max_len=64"):
         sched.score((5,) * 60, (6,) * 5)
     for st in streams:
         collect(st)
     assert sched.engine.violations == []
 
 
+# -- pages: prefix cache, preemption, pool limits -----------------------------------------------------
+
+
+def run_all(s: Scheduler, reqs: list[Request]) -> list[tuple[list[int], list[float], Event]]:
+    """Submit every request at once and collect (tokens, logprobs, last event) of each."""
+    streams = [s.submit(r) for r in reqs]
+    out = []
+    for st in streams:
+        events, toks, _, last = collect(st)
+        out.append((toks, [lp.logprob for e in events for lp in e.logprobs], last))
+    return out
+
+
+def test_prefix_hit_prefills_only_the_suffix_and_gives_the_same_stream():
+    system = tuple(range(10, 30))  # 20 tokens: 5 full pages of 4
+    reqs = [Request(system + (40 + i, 41 + i), max_tokens=6, return_logprobs=True, ignore_eos=True) for i in range(3)]
+    results = {}
+    for cache in (False, True):
+        eng = FakeEngine(max_seqs=1, max_len=64, prefill_chunk=8, page_size=4)
+        s = make(eng, prefix_cache=cache)
+        try:
+            results[cache] = [run_all(s, [r])[0] for r in reqs]  # one after the other: the first one caches
+            assert_idle(s)
+        finally:
+            s.close()
+        assert eng.violations == []
+        starts = [c[2] for c in eng.calls if c[0] == "prefill"]
+        if cache:
+            # request 1: 0, 8, 16 (22 tokens in chunks of 8); 2 and 3: only from the cached 20 on
+            assert starts == [0, 8, 16, 20, 20]
+            assert [r[2].usage.cached_tokens for r in results[cache]] == [0, 20, 20]
+            assert s.metrics.value("jaxinfer_prefix_cache_hit_tokens_total") == 40
+            assert s.metrics.value("jaxinfer_prefix_cache_query_tokens_total") == 66
+            assert s.blocks.stats().cached > 0  # finished sequences' pages stay cached
+        else:
+            assert starts == [0, 8, 16] * 3 and all(r[2].usage.cached_tokens == 0 for r in results[cache])
+    assert [r[:2] for r in results[True]] == [r[:2] for r in results[False]]
+    for r, (toks, lps, _) in zip(reqs, results[True]):
+        assert toks == expected(r.prompt_ids, 6, eos=False)
+        assert lps == [logprob_of(list(r.prompt_ids) + toks[:i]) for i in range(6)]
+
+
+def test_match_never_covers_the_whole_prompt():
+    eng = FakeEngine(max_seqs=1, page_size=4)
+    s = make(eng)
+    try:
+        prompt = tuple(range(1, 9))  # exactly 2 pages
+        for _ in range(2):
+            assert collect(s.submit(Request(prompt, max_tokens=2)))[1] == expected(prompt, 2)
+        starts = [c[2:5] for c in eng.calls if c[0] == "prefill"]
+        assert starts == [(0, 8, True), (4, 4, True)]  # the second reuses one page, prefills the last
+    finally:
+        s.close()
+
+
+def test_concurrent_requests_share_a_prefix_prefilled_once():
+    system = tuple(range(1, 17))  # 4 pages
+    eng = FakeEngine(max_seqs=4, max_len=64, prefill_chunk=16, page_size=4, step_delay=0.001)
+    s = make(eng)
+    try:
+        first = s.submit(Request(system + (50,), max_tokens=20, ignore_eos=True))
+        next(iter(first))  # its prompt is in the cache now; it keeps decoding beside the others
+        rest = run_all(s, [Request(system + (60 + i,), max_tokens=4, return_logprobs=True) for i in range(3)])
+        assert [r[2].usage.cached_tokens for r in rest] == [16, 16, 16]
+        assert [r[0] for r in rest] == [expected(system + (60 + i,), 4) for i in range(3)]
+        collect(first)
+        assert_idle(s)
+    finally:
+        s.close()
+    assert eng.violations == []
+
+
+def test_requests_queued_together_prefill_a_shared_prefix_once():
+    """Admission waits for the prefill budget, so of requests queued at the same moment only the
+    first prefills the shared system prompt; the others match the pages it committed."""
+    eng = GroupingFakeEngine(max_seqs=8, max_len=64, prefill_chunk=8, page_size=4)
+    hold = eng.hold = threading.Event()
+    s = make(eng, prefill_budget=8)
+    try:
+        blocker = s.submit(Request((9,), max_tokens=2))
+        wait_for(lambda: eng.hold is None)  # the loop is inside the blocker's prefill
+        system = tuple(range(1, 17))
+        reqs = [Request(system + (40 + i, 41 + i), max_tokens=3) for i in range(4)]
+        streams = [s.submit(r) for r in reqs]
+        hold.set()
+        results = [collect(st) for st in streams]
+        collect(blocker)
+        assert [r[1] for r in results] == [expected(r.prompt_ids, 3) for r in reqs]
+        assert [r[3].usage.cached_tokens for r in results] == [0, 16, 16, 16]
+        assert_idle(s)
+    finally:
+        s.close()
+    assert eng.violations == []
+
+
+def test_preemption_keeps_every_request_and_its_output():
+    """A pool too small for the load: the newest sequences are preempted and recomputed, every
+    stream ends as it does in a pool big enough, tokens and logprobs alike."""
+    rng = random.Random(3)
+    reqs = [
+        Request(tuple(rng.randrange(0, 95) for _ in range(rng.randrange(3, 14))), max_tokens=rng.randrange(8, 30),
+                return_logprobs=True, ignore_eos=i % 3 == 0, request_id=f"p{i}")
+        for i in range(12)
+    ]
+    runs = {}
+    for pages in (64, 12):  # 12 pages x 4 = 48 positions for 4 rows of up to 43
+        eng = FakeEngine(max_seqs=4, max_len=64, prefill_chunk=8, page_size=4, num_pages=pages)
+        s = make(eng, max_queue_requests=64)
+        try:
+            runs[pages] = run_all(s, reqs)
+            assert_idle(s)
+            preempted = s.metrics.value("jaxinfer_preemptions_total")
+        finally:
+            s.close()
+        assert eng.violations == []
+        assert (preempted > 0) == (pages == 12)
+        # a recompute starts after the pages its first run left in the cache, past its prompt
+        resumed = [c[2] for c in eng.calls if c[0] == "prefill" and c[6] and c[2] > 0]
+        assert (pages == 64) or max(resumed) >= 16
+    for a, b in zip(runs[64], runs[12]):
+        assert (a[0], a[1], a[2].finish_reason, a[2].usage) == (b[0], b[1], b[2].finish_reason, b[2].usage)
+    for r, (toks, _, last) in zip(reqs, runs[12]):
+        assert toks == expected(r.prompt_ids, r.max_tokens, eos=not r.ignore_eos)
+
+
+def test_preemption_under_multi_step_decode_and_prefix_cache_off():
+    rng = random.Random(4)
+    reqs = [Request(tuple(rng.randrange(0, 95) for _ in range(rng.randrange(2, 10))), max_tokens=rng.randrange(5, 25),
+                    ignore_eos=True) for _ in range(10)]
+    for cache in (True, False):
+        eng = MultiStepFakeEngine(max_seqs=4, max_len=40, prefill_chunk=8, page_size=4, num_pages=10)
+        s = make(eng, prefix_cache=cache, max_queue_requests=64)
+        try:
+            for r, (toks, _, last) in zip(reqs, run_all(s, reqs)):
+                assert toks == expected(r.prompt_ids, r.max_tokens, eos=False) and last.finish_reason == "length"
+            assert_idle(s)
+            assert s.metrics.value("jaxinfer_preemptions_total") > 0
+        finally:
+            s.close()
+        assert eng.violations == []
+
+
+def test_request_that_can_never_fit_the_pool_is_refused_naming_the_limit():
+    s = make(FakeEngine(max_seqs=2, max_len=64, page_size=4, num_pages=5))
+    try:
+        with pytest.raises(InvalidRequestError, match=r"= 21 exceeds the KV cache pool of 5 pages x 4 = 20 tokens") as e:
+            s.submit(Request((1,) * 11, max_tokens=10))
+        assert e.value.field == "max_tokens"
+        with pytest.raises(InvalidRequestError, match="pool of 5 pages"):
+            s.score((1,) * 15, (2,) * 6)
+        assert collect(s.submit(Request((1,) * 10, max_tokens=10)))[3].finish_reason == "length"  # 20 fits
+        assert_idle(s)
+    finally:
+        s.close()
+
+
+def test_page_metrics():
+    eng = FakeEngine(max_seqs=2, max_len=64, page_size=4, step_delay=0.002)
+    s = make(eng)
+    try:
+        st = s.submit(Request(tuple(range(1, 10)), max_tokens=30, ignore_eos=True))
+        it = iter(st)
+        next(it)
+        wait_for(lambda: s.metrics.value("jaxinfer_kv_pages", {"state": "used"}) >= 3)
+        assert s.metrics.value("jaxinfer_active_seqs") == 1 and s.metrics.value("jaxinfer_max_seqs") == 2
+        list(it)
+        wait_for(lambda: s.metrics.value("jaxinfer_kv_pages", {"state": "used"}) == 0)
+        cached = s.metrics.value("jaxinfer_kv_pages", {"state": "cached"})
+        assert cached == (9 + 30 - 1) // 4  # every full page of known tokens stays cached
+        assert cached + s.metrics.value("jaxinfer_kv_pages", {"state": "free"}) == eng.num_pages
+        collect(s.submit(Request(tuple(range(1, 10)), max_tokens=2)))
+        wait_for(lambda: s.metrics.value("jaxinfer_prefix_cache_hit_rate") > 0)
+        assert s.metrics.value("jaxinfer_prefix_cache_hit_rate") == pytest.approx(8 / 18)
+    finally:
+        s.close()
+
+
+def test_score_pairs_of_one_context_compute_it_once():
+    eng = FakeEngine(max_seqs=2, max_len=64, prefill_chunk=8, page_size=4)
+    s = make(eng)
+    try:
+        ctx = tuple(range(1, 21))  # 20 tokens
+        pairs = [(ctx, (21, 22)), (ctx, (30,)), (ctx, (21, 22, 23, 40))]
+        outs = s.score_batch(pairs)
+        assert [o.token_logprobs for o in outs] == [(-1.0, -1.0), (-5.0,), (-1.0, -1.0, -1.0, -5.0)]
+        assert [o.is_greedy for o in outs] == [True, False, False]
+        assert outs[2].logprob == -8.0 and outs[0].continuation_ids == (21, 22)
+        scores = [c[1:3] for c in eng.calls if c[0] == "score"]
+        # the first pair runs the context from 0 in pieces of 8; the others from the cached 16 on
+        assert scores == [(0, 8), (8, 8), (16, 5), (16, 4), (16, 7)]
+        assert eng.score_reads[-1] == ctx + (21, 22, 23)
+        assert s.score(ctx, (21,)).is_greedy
+        assert_idle(s)
+    finally:
+        s.close()
+    assert eng.violations == []
+
+
 # -- soak --------------------------------------------------------------------------------------------
 
 
 def test_soak_random_faults_leave_nothing_behind():
-    eng = FakeEngine(num_slots=4, max_len=96, prefill_chunk=5, step_delay=0.0005)
+    eng = FakeEngine(max_seqs=4, max_len=96, prefill_chunk=5, step_delay=0.0005)
     s = make(eng, FakeTokenizer(poison=[77]), max_queue_requests=24, max_queue_tokens=400)
     rng = random.Random(7)
     outcomes: dict[str, int] = {}
@@ -525,42 +737,92 @@ def test_soak_random_faults_leave_nothing_behind():
 # -- the real engine ---------------------------------------------------------------------------------
 
 
+def tiny_real_engine(max_seqs: int, num_pages: int, page_size: int = 8, **kw):
+    """A tiny random Llama on the real Engine with a pool of ``num_pages`` pages."""
+    import dataclasses
+
+    import jax.numpy as jnp
+
+    from jaxinfer.config import SMOLLM2_135M
+    from jaxinfer.engine.config import EngineConfig
+    from jaxinfer.engine.engine import Engine
+    from jaxinfer.engine.pages import KVPool
+    from jaxinfer.model.transformer import Transformer
+    from jaxinfer.model.weights import nest, random_weights
+
+    cfg = dataclasses.replace(
+        SMOLLM2_135M, name="llama-tiny", num_layers=2, hidden_size=72, intermediate_size=96, vocab_size=512,
+        head_dim=8, max_position_embeddings=512,
+    )
+    model = Transformer(cfg, params=nest({k: jnp.asarray(v) for k, v in random_weights(cfg, seed=0, scale=0.15).items()}))
+    pool = num_pages * page_size * KVPool.bytes_per_token(cfg, jnp.float32)
+    return Engine(model, EngineConfig(max_seqs=max_seqs, max_len=128, page_size=page_size, kv_cache_bytes=pool,
+                                      prefill_buckets=(16, 32), lazy_compile=True, **kw))
+
+
+class RealTok:
+    vocab_size, eos_ids = 512, (2,)
+
+    def decode(self, ids, skip_special=True):
+        return "".join(chr(0x4E00 + i) for i in ids)
+
+
+def direct_greedy(eng, prompt: Sequence[int], max_tokens: int, sampling: SamplingParams = SamplingParams()) -> list[int]:
+    """Drive the engine by hand, one sequence on row 0 over pages 0, 1, ..."""
+    pages = list(range(-(-(len(prompt) + max_tokens) // eng.page_size)))
+    first, chunk = None, eng.prefill_chunk
+    for off in range(0, len(prompt), chunk):
+        first = eng.prefill(0, prompt[off : off + chunk], sampling, pages=pages, start=off,
+                            last=off + chunk >= len(prompt))
+    out = [first.token]
+    while len(out) < max_tokens:
+        out.append(eng.decode([0], {0: pages}).result()[0].token)
+    eng.release(0)
+    return out
+
+
 @pytest.mark.slow
 def test_real_engine_streams_equal_direct_engine_calls():
-    """The scheduler over the real Engine (tiny random Llama): pipelined decode, chunked prompts
-    and slot reuse give the tokens of driving the engine by hand, one request at a time."""
-    eng = Engine(make_model(LLAMA_TINY), EngineConfig(slots=3, max_len=128, prefill_buckets=(16, 32), min_span=32))
-    eng.compile(progress=False)
-
-    class Tok:
-        vocab_size, eos_ids = 512, (2,)
-
-        def decode(self, ids, skip_special=True):
-            return "".join(chr(0x4E00 + i) for i in ids)
-
+    """The scheduler over the real Engine (tiny random Llama): pipelined decode, chunked prompts,
+    row reuse and prefix-cache hits give the tokens of driving the engine by hand, one request at
+    a time; sampled requests with a seed too."""
+    eng = tiny_real_engine(max_seqs=3, num_pages=64)
     rng = random.Random(5)
+    shared = tuple(rng.randrange(3, 512) for _ in range(40))  # 5 pages: later requests hit them
     reqs = [
         Request(
-            tuple(rng.randrange(3, 512) for _ in range(rng.randrange(1, 70))), max_tokens=rng.randrange(1, 40),
-            sampling=SamplingParams(temperature=0.0 if i % 2 else 0.8, seed=i, logprobs=2), return_logprobs=True,
+            (shared if i % 2 else ()) + tuple(rng.randrange(3, 512) for _ in range(rng.randrange(1, 40))),
+            max_tokens=rng.randrange(1, 40),
+            sampling=SamplingParams(temperature=0.0 if i % 3 else 0.8, seed=i, logprobs=2), return_logprobs=True,
             ignore_eos=True,
         )
         for i in range(10)
     ]
-    s = Scheduler(eng, Tok(), metrics=Metrics(), detokenizer=FakeDetokenizer).start()
+    s = Scheduler(eng, RealTok(), metrics=Metrics(), detokenizer=FakeDetokenizer).start()
     try:
-        streams = [s.submit(r) for r in reqs]
-        batched = [collect(st) for st in streams]
-        load = s.load()
-        assert (load.active_slots, load.live_requests) == (0, 0)
+        batched = [collect(st) for st in [s.submit(r) for r in reqs]]
+        assert s.load().live_requests == 0 and s.blocks.stats().used == 0
+        assert sum(e[3].usage.cached_tokens for e in batched) > 0
     finally:
         s.close()
     for r, (_, out, _, last) in zip(reqs, batched):
-        first, chunk = None, eng.prefill_chunk
-        for off in range(0, len(r.prompt_ids), chunk):
-            first = eng.prefill(0, r.prompt_ids[off : off + chunk], r.sampling, start=off, last=off + chunk >= len(r.prompt_ids))
-        direct = [first.token]
-        while len(direct) < r.max_tokens:
-            direct.append(eng.decode([0]).result()[0].token)
-        eng.release(0)
-        assert out == direct and last.finish_reason == "length"
+        assert out == direct_greedy(eng, r.prompt_ids, r.max_tokens, r.sampling) and last.finish_reason == "length"
+
+
+@pytest.mark.slow
+def test_real_engine_preemption_keeps_greedy_outputs():
+    """A pool too small for the load: preempted sequences are recomputed (through the prefix
+    cache) and every greedy stream equals the engine driven by hand."""
+    eng = tiny_real_engine(max_seqs=4, num_pages=12)  # 96 positions for 4 rows of up to ~70
+    rng = random.Random(9)
+    reqs = [Request(tuple(rng.randrange(3, 512) for _ in range(rng.randrange(8, 30))), max_tokens=rng.randrange(20, 40),
+                    ignore_eos=True) for _ in range(8)]
+    s = Scheduler(eng, RealTok(), metrics=Metrics(), detokenizer=FakeDetokenizer).start()
+    try:
+        batched = [collect(st) for st in [s.submit(r) for r in reqs]]
+        assert s.metrics.value("jaxinfer_preemptions_total") > 0
+        assert s.blocks.stats().used == 0
+    finally:
+        s.close()
+    for r, (_, out, _, last) in zip(reqs, batched):
+        assert last.finish_reason == "length" and out == direct_greedy(eng, r.prompt_ids, r.max_tokens)

@@ -25,7 +25,7 @@ from server import jaxinfer_pb2 as pb
 from server import jaxinfer_pb2_grpc as pb_grpc
 from server.app import ServerOptions, build_server
 from tests.helpers import wait_for
-from tests.helpers.fakes import BOS, FakeDetokenizer, FakeEngine, FakeTokenizer, expected
+from tests.helpers.fakes import BOS, FakeDetokenizer, FakeEngine, FakeTokenizer, expected, logprob_of
 from tests.helpers.served import MODEL, Served
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,16 +47,26 @@ def code_of(fn) -> tuple[grpc.StatusCode, str]:
 # -- round trips -------------------------------------------------------------------------------------
 
 
+def test_usage_reports_prompt_tokens_from_the_prefix_cache(served):
+    prompt = "abcdefghij"  # BOS + 10 tokens: 2 full pages of 4 reusable, the last 3 prefilled
+    first = served.generate(prompt=prompt, max_tokens=3)
+    again = served.generate(prompt=prompt, max_tokens=3)
+    assert first[0][-1].usage.cached_prompt_tokens == 0 and again[0][-1].usage.cached_prompt_tokens == 8
+    assert first[1] == again[1] and first[2] == again[2]
+    served.idle()
+
+
 def test_generate_streams_tokens_text_logprobs_usage(served):
     resps, ids, text = served.generate(prompt="abc", max_tokens=5, logprobs=2, echo=True, request_id="rq-1")
     assert text == "defgh" and ids == expected(FakeTokenizer().encode("abc"), 5)
     assert len(resps) == 5 and all(r.request_id == "rq-1" for r in resps)
     assert list(resps[0].prompt_token_ids) == [BOS, 65, 66, 67] and not resps[1].prompt_token_ids
     lp = resps[0].logprobs[0]
-    assert lp.token_id == ids[0] and lp.logprob == -0.25 and list(lp.top_token_ids) == [ids[0], ids[0] + 1]
+    assert lp.token_id == ids[0] and lp.logprob == pytest.approx(logprob_of([BOS, 65, 66, 67]))
+    assert list(lp.top_token_ids) == [ids[0], ids[0] + 1]
     last = resps[-1]
     assert last.finish_reason == "length" and all(not r.finish_reason for r in resps[:-1])
-    assert (last.usage.prompt_tokens, last.usage.completion_tokens) == (4, 5)
+    assert (last.usage.prompt_tokens, last.usage.completion_tokens, last.usage.cached_prompt_tokens) == (4, 5, 0)
     assert 0 <= last.timings.queue_seconds <= last.timings.ttft_seconds <= last.timings.total_seconds
     # no logprobs asked: none sent; server default max_tokens (8) when unset
     resps, ids, _ = served.generate(prompt_token_ids=[10])
@@ -161,6 +171,7 @@ def test_score_tokenize_detokenize_info(served):
     assert (info.model, info.architecture, info.vocab_size, info.max_len, info.slots) == ("fake-97", "fake", 97, 64, 4)
     assert (info.mesh, info.dtype, info.prefill_chunk, info.max_queue_requests) == ("data=1,model=1", "float32", 8, 64)
     assert list(info.eos_token_ids) == [96] and info.version
+    assert (info.page_size, info.num_pages, info.prefix_cache) == (4, 64, True)
     assert served.metrics.value("jaxinfer_grpc_requests_total", {"method": "Score", "code": "OK"}) == 1
 
 
@@ -178,7 +189,7 @@ def test_health_and_reflection(served):
 
 
 def test_32_concurrent_streams_equal_solo():
-    s = Served(FakeEngine(num_slots=4, prefill_chunk=4))
+    s = Served(FakeEngine(max_seqs=4, prefill_chunk=4))
     try:
         rng = random.Random(3)
         reqs = [
@@ -203,7 +214,7 @@ def test_32_concurrent_streams_equal_solo():
 
 
 def test_new_request_admitted_while_others_stream():
-    s = Served(FakeEngine(num_slots=4, max_len=256, prefill_chunk=4, step_delay=0.003))
+    s = Served(FakeEngine(max_seqs=4, max_len=256, prefill_chunk=4, step_delay=0.003))
     try:
         streams = [s.stub.Generate(pb.GenerateRequest(prompt_token_ids=[i], max_tokens=150, ignore_eos=True), timeout=30)
                    for i in range(3)]
@@ -240,7 +251,7 @@ def test_new_request_admitted_while_others_stream():
 
 
 def test_client_cancel_frees_slot_within_a_step():
-    eng = FakeEngine(num_slots=2, max_len=1024, step_delay=0.01)
+    eng = FakeEngine(max_seqs=2, max_len=1024, step_delay=0.01)
     s = Served(eng)
     try:
         call = s.stub.Generate(pb.GenerateRequest(prompt="a", max_tokens=1000, ignore_eos=True), timeout=30)
@@ -248,7 +259,7 @@ def test_client_cancel_frees_slot_within_a_step():
             next(call)
         t_cancel = time.monotonic()
         call.cancel()
-        wait_for(lambda: s.server.scheduler.load().active_slots == 0, timeout=2)
+        wait_for(lambda: s.server.scheduler.load().active_seqs == 0, timeout=2)
         freed = time.monotonic() - t_cancel
         after = [c for c in eng.calls if c[0] == "decode" and c[2] > t_cancel]
         assert len(after) <= 2 and freed < 0.1, (len(after), freed)  # in flight + one dispatched meanwhile
@@ -260,27 +271,27 @@ def test_client_cancel_frees_slot_within_a_step():
 
 
 def test_disconnect_frees_slot():
-    eng = FakeEngine(num_slots=2, max_len=1024, step_delay=0.005)
+    eng = FakeEngine(max_seqs=2, max_len=1024, step_delay=0.005)
     s = Served(eng)
     try:
         ch = s.new_channel()
         call = pb_grpc.InferenceStub(ch).Generate(pb.GenerateRequest(prompt="a", max_tokens=1000, ignore_eos=True))
         next(call)
         ch.close()  # the client goes away without a word
-        wait_for(lambda: s.server.scheduler.load().active_slots == 0, timeout=2)
+        wait_for(lambda: s.server.scheduler.load().active_seqs == 0, timeout=2)
         s.idle()
     finally:
         s.close()
 
 
 def test_deadline_exceeded_frees_slot():
-    eng = FakeEngine(num_slots=2, max_len=1024, step_delay=0.005)
+    eng = FakeEngine(max_seqs=2, max_len=1024, step_delay=0.005)
     s = Served(eng)
     try:
         t0 = time.monotonic()
         code, _ = code_of(lambda: s.generate(prompt="a", max_tokens=1000, ignore_eos=True, timeout=0.15))
         assert code == grpc.StatusCode.DEADLINE_EXCEEDED
-        wait_for(lambda: s.server.scheduler.load().active_slots == 0, timeout=2)
+        wait_for(lambda: s.server.scheduler.load().active_seqs == 0, timeout=2)
         assert time.monotonic() - t0 < 0.5
         s.idle()
         by = s.metrics.finished_by_reason()
@@ -290,14 +301,14 @@ def test_deadline_exceeded_frees_slot():
 
 
 def test_queue_full_is_resource_exhausted_at_once():
-    eng = FakeEngine(num_slots=1)
+    eng = FakeEngine(max_seqs=1)
     eng.gate = threading.Event()  # hold decode: the slot stays busy, the queue fills
     s = Served(eng, max_queue_requests=2)
     try:
         # the first takes the only slot before the next two queue (were all three to
         # arrive before the loop admits one, the third would find the queue full)
         calls = [s.stub.Generate(pb.GenerateRequest(prompt="a", max_tokens=3), timeout=30)]
-        wait_for(lambda: s.server.scheduler.load().active_slots == 1)
+        wait_for(lambda: s.server.scheduler.load().active_seqs == 1)
         calls += [s.stub.Generate(pb.GenerateRequest(prompt="a", max_tokens=3), timeout=30) for _ in range(2)]
         wait_for(lambda: s.server.scheduler.load().queue_requests == 2)
         t0 = time.monotonic()
@@ -314,12 +325,12 @@ def test_queue_full_is_resource_exhausted_at_once():
 
 
 def test_queue_token_limit_and_message_size_limit():
-    eng = FakeEngine(num_slots=1)
+    eng = FakeEngine(max_seqs=1)
     eng.gate = threading.Event()
     s = Served(eng, max_queue_tokens=64, max_message_bytes=2048)
     try:
         first = s.stub.Generate(pb.GenerateRequest(prompt="a", max_tokens=3), timeout=30)
-        wait_for(lambda: s.server.scheduler.load().active_slots == 1)
+        wait_for(lambda: s.server.scheduler.load().active_seqs == 1)
         waiting = s.stub.Generate(pb.GenerateRequest(prompt="b" * 40, max_tokens=3), timeout=30)
         wait_for(lambda: s.server.scheduler.load().queue_tokens == 41)
         code, msg = code_of(lambda: s.generate(prompt="c" * 30, max_tokens=3))
@@ -334,7 +345,7 @@ def test_queue_token_limit_and_message_size_limit():
 
 
 def test_error_in_one_request_is_internal_others_go_on():
-    eng = FakeEngine(num_slots=4, step_delay=0.001, fail_prefill_token=90)
+    eng = FakeEngine(max_seqs=4, step_delay=0.001, fail_prefill_token=90)
     s = Served(eng, FakeTokenizer(poison=[ord("#") - 32]))
     try:
         good = s.stub.Generate(pb.GenerateRequest(prompt="a", max_tokens=20), timeout=30)
@@ -352,7 +363,7 @@ def test_error_in_one_request_is_internal_others_go_on():
 
 
 def test_drain_refuses_new_finishes_inflight():
-    eng = FakeEngine(num_slots=2, max_len=256, step_delay=0.003)
+    eng = FakeEngine(max_seqs=2, max_len=256, step_delay=0.003)
     s = Served(eng)
     try:
         calls = [s.stub.Generate(pb.GenerateRequest(prompt="a", max_tokens=60, ignore_eos=True), timeout=30) for _ in range(3)]
@@ -379,7 +390,7 @@ def test_drain_refuses_new_finishes_inflight():
 
 
 def test_drain_grace_elapsed_ends_streams_unavailable():
-    eng = FakeEngine(num_slots=1, max_len=4096, step_delay=0.005)
+    eng = FakeEngine(max_seqs=1, max_len=4096, step_delay=0.005)
     s = Served(eng)
     try:
         call = s.stub.Generate(pb.GenerateRequest(prompt="a", max_tokens=4000, ignore_eos=True), timeout=30)
@@ -444,7 +455,8 @@ def test_metrics_http_exporter(served):
         served.metrics.close()
     for name in ("jaxinfer_time_to_first_token_seconds_bucket", "jaxinfer_time_per_output_token_seconds_count",
                  "jaxinfer_e2e_request_latency_seconds_count", "jaxinfer_queue_requests", "jaxinfer_queue_tokens",
-                 "jaxinfer_active_slots", "jaxinfer_kv_cache_usage_ratio", "jaxinfer_prompt_tokens_total 2.0",
+                 "jaxinfer_active_seqs", "jaxinfer_kv_cache_usage_ratio", 'jaxinfer_kv_pages{state="used"}',
+                 "jaxinfer_preemptions_total", "jaxinfer_prefix_cache_hit_rate", "jaxinfer_prompt_tokens_total 2.0",
                  "jaxinfer_generation_tokens_total 3.0", 'jaxinfer_requests_finished_total{reason="length"} 1.0',
                  'jaxinfer_grpc_requests_total{code="OK",method="Generate"} 1.0'):
         assert name in body, name
@@ -483,10 +495,27 @@ def test_serve_help_lists_the_flags():
     parser = argparse.ArgumentParser()
     serve.register(parser.add_subparsers(dest="command"))
     text = parser._subparsers._group_actions[0].choices["serve"].format_help()
-    for flag in ("--model", "--port", "--host", "--mesh", "--slots", "--max-len", "--max-queue-requests",
+    for flag in ("--model", "--port", "--host", "--mesh", "--max-seqs", "--max-len", "--page-size", "--kv-cache-memory",
+                 "--no-prefix-cache", "--max-queue-requests",
                  "--max-queue-tokens", "--dtype", "--weight-dtype", "--auth-token-file", "--tls-cert", "--tls-key", "--metrics-port",
                  "--grace-period", "smollm2-135m-instruct"):
         assert flag in text
+    assert "--slots" not in text and "--span-steps" not in text
+
+
+def test_engine_flags_map_onto_engine_config():
+    from jaxinfer.commands import serve
+    from jaxinfer.commands.common import engine_config
+    from jaxinfer.engine.config import EngineConfig
+
+    parser = argparse.ArgumentParser()
+    serve.register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["serve", "--max-seqs", "32", "--page-size", "8", "--kv-cache-memory", "64MiB",
+                              "--no-prefix-cache", "--prefill-buckets", "16,64"])
+    cfg = engine_config(args, lazy_compile=False)
+    assert (cfg.max_seqs, cfg.page_size, cfg.kv_cache_bytes, cfg.prefill_buckets) == (32, 8, 64 << 20, (16, 64))
+    assert cfg.max_len is None and cfg.decode_steps == EngineConfig().decode_steps and args.no_prefix_cache
+    assert engine_config(parser.parse_args(["serve"]), lazy_compile=True).page_size == EngineConfig().page_size
 
 
 SIGTERM_SCRIPT = """
@@ -495,7 +524,7 @@ logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(name)s: %(m
 from tests.helpers.fakes import FakeEngine, FakeTokenizer, FakeDetokenizer
 from jaxinfer.commands.serve import serve_until_signal
 from server.app import ModelDescription, ServerOptions, build_server
-srv = build_server(FakeEngine(num_slots=2, max_len=512, step_delay=0.005), FakeTokenizer(),
+srv = build_server(FakeEngine(max_seqs=2, max_len=512, step_delay=0.005), FakeTokenizer(),
                    ModelDescription("fake"), ServerOptions(port=0, grace_period=10), detokenizer=FakeDetokenizer)
 sys.exit(serve_until_signal(srv))
 """
@@ -537,7 +566,7 @@ def _max_rss_bytes() -> int:
 
 @pytest.mark.parametrize("seed", [11])
 def test_soak_random_faults_over_grpc(seed):
-    eng = FakeEngine(num_slots=4, max_len=96, prefill_chunk=5, step_delay=0.0005)
+    eng = FakeEngine(max_seqs=4, max_len=96, prefill_chunk=5, step_delay=0.0005)
     s = Served(eng, FakeTokenizer(poison=[77]), max_queue_requests=24, max_queue_tokens=400)
     try:
         rss = []

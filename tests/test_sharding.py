@@ -39,15 +39,16 @@ def test_sharded_equals_single_device(sharded_results, model, mesh):
 
 @pytest.mark.slow
 def test_shardings_are_really_split(sharded_results):
-    # SmolLM2-shaped: 9 heads do not divide over 4 -> replicated; data=2 splits slots.
-    # 9 heads and 3 kv heads do not divide by 4: heads and cache replicate over
-    # `model`, slots split over `data`, the MLP splits over `model`.
-    cache_spec, wq_spec, mlp_spec = sharded_results["llama-tiny data=2,model=4"]["shardings"]
-    assert cache_spec == "P('data', None, None, None)"  # one layer's key block [slots, kv_heads, head_dim, seq]
-    assert "model" not in wq_spec and "'model'" in mlp_spec
+    # SmolLM2-shaped: 9 heads and 3 kv heads do not divide by 4: heads and the
+    # pool replicate over `model`; decode rows split over `data`; the MLP splits
+    # over `model`. The pool [layers, pages, page, kv_heads, head_dim] is never
+    # split by page (every sequence may use any page).
+    pool_spec, wq_spec, mlp_spec, rows_spec = sharded_results["llama-tiny data=2,model=4"]["shardings"]
+    assert "model" not in pool_spec and "data" not in pool_spec
+    assert "model" not in wq_spec and "'model'" in mlp_spec and "'data'" in rows_spec
     # Gemma-shaped on model=8: 4 heads and 1 kv head replicate, the MLP splits.
-    cache_spec, wq_spec, mlp_spec = sharded_results["gemma-tiny data=1,model=8"]["shardings"]
-    assert "model" not in cache_spec and "'model'" in mlp_spec
+    pool_spec, wq_spec, mlp_spec, _ = sharded_results["gemma-tiny data=1,model=8"]["shardings"]
+    assert "model" not in pool_spec and "'model'" in mlp_spec
 
 
 def test_mesh_parsing_and_errors():

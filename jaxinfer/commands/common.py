@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import re
 
-from jaxinfer.engine.engine import Engine, EngineConfig, enable_compilation_cache
+from jaxinfer.engine.config import CPU_KV_CACHE_BYTES, MAX_LEN_CAP, EngineConfig
+from jaxinfer.engine.engine import Engine, enable_compilation_cache
 from jaxinfer.loading import DEFAULT_MODEL, ModelSource, build_engine, resolve
 
 log = logging.getLogger("jaxinfer")
@@ -39,7 +39,7 @@ def add_command(sub: argparse._SubParsersAction, name: str, *, help: str, descri
                           **kw)
 
 
-def add_model_args(p: argparse.ArgumentParser, *, slots: int = 8, max_len: int = 2048) -> None:
+def add_model_args(p: argparse.ArgumentParser, *, max_seqs: int = 64) -> None:
     g = p.add_argument_group("model and engine")
     g.add_argument(
         "--model",
@@ -57,42 +57,47 @@ def add_model_args(p: argparse.ArgumentParser, *, slots: int = 8, max_len: int =
                    "every weight on every step, ~10x slower)")
     g.add_argument("--mesh", default=None, metavar="data=D,model=M",
                    help="device mesh, e.g. data=2,model=4 (unset: one device)")
-    g.add_argument("--slots", type=int, default=slots, help="KV cache slots = concurrent sequences")
-    g.add_argument("--max-len", type=int, default=max_len, help="longest sequence (prompt + output) per slot")
+    g.add_argument("--max-seqs", type=int, default=max_seqs, metavar="N",
+                   help="decode rows: sequences decoded together; independent of memory, "
+                   "which --kv-cache-memory bounds")
+    g.add_argument("--max-len", type=int, default=None, metavar="N",
+                   help=f"longest sequence, prompt + output (default: the model's context, at most {MAX_LEN_CAP}, "
+                   "and at most the pool)")
+    g.add_argument("--page-size", type=int, default=None, metavar="N",
+                   help=f"token positions per KV cache page (unset: {EngineConfig().page_size})")
     g.add_argument("--kv-cache-memory", default=None, metavar="SIZE",
-                   help="size the KV cache from a memory budget instead of --slots, e.g. 2GiB or 512MiB "
-                   "(slots = budget / (bytes per token x --max-len))")
+                   help="bytes of the paged KV cache pool, e.g. 2GiB or 512MiB (default: on CPU "
+                   f"{CPU_KV_CACHE_BYTES // 2**20} MiB, 16,384 tokens of SmolLM2 in float32; on a GPU/TPU 85%% "
+                   "of the device memory left after the weights); the start-up log reports it in pages, tokens "
+                   "and bytes")
+    g.add_argument("--no-prefix-cache", action="store_true",
+                   help="turn off automatic prefix caching (on by default: a prompt's longest cached prefix of "
+                   "full pages is reused, not prefilled again)")
     defaults = EngineConfig()
     g.add_argument("--prefill-buckets", default=",".join(str(b) for b in defaults.prefill_buckets),
                    metavar="N,N,...",
-                   help="prompt-length buckets to compile; the largest is the chunk size for longer prompts")
+                   help="prefill piece lengths to compile; the largest is the chunk size for longer prompts")
     g.add_argument("--prefill-rows", type=int, default=defaults.prefill_rows, metavar="N",
-                   help="whole prompts shorter than the largest bucket are prefilled up to N per call "
-                   "(compiles one N-row program per smaller bucket; 1 = one prompt per call)")
+                   help="short prompts are prefilled up to N per call (1 = one prompt per call)")
     g.add_argument("--decode-steps", type=int, default=defaults.decode_steps, metavar="K",
                    help="decode steps per device call (a device loop; compiles a K-step program beside each "
                    "one-step one). Saves the per-call host cost, which dominates batch-1 decode on a GPU; "
                    "tokens then stream K at a time")
-    g.add_argument("--span-steps", type=int, default=defaults.span_steps, metavar="N",
-                   help="attended spans per doubling of the context: 1 = powers of two (a step reads up to 2x "
-                   "the positions it needs); 2 adds the points half way (up to 1.5x; about twice the programs "
-                   "to compile)")
 
 
 def engine_config(args: argparse.Namespace, *, lazy_compile: bool) -> EngineConfig:
-    """The EngineConfig the model and engine options describe."""
-    return dataclasses.replace(
-        EngineConfig(),
-        slots=args.slots,
-        max_len=args.max_len,
-        lazy_compile=lazy_compile,
-        memory_budget_bytes=parse_size(args.kv_cache_memory) if args.kv_cache_memory else None,
-        prefill_buckets=tuple(int(x) for x in args.prefill_buckets.split(",")),
-        prefill_rows=args.prefill_rows,
-        decode_steps=args.decode_steps,
-        span_steps=args.span_steps,
-        weight_dtype=args.weight_dtype,
-    )
+    """The EngineConfig the engine flags describe (unset flags keep EngineConfig's defaults)."""
+    given = {
+        "max_seqs": args.max_seqs,
+        "max_len": args.max_len,
+        "page_size": args.page_size,
+        "kv_cache_bytes": parse_size(args.kv_cache_memory) if args.kv_cache_memory else None,
+        "prefill_buckets": tuple(int(x) for x in args.prefill_buckets.split(",")) if args.prefill_buckets else None,
+        "prefill_rows": getattr(args, "prefill_rows", None),
+        "decode_steps": getattr(args, "decode_steps", None),
+        "weight_dtype": getattr(args, "weight_dtype", None),
+    }
+    return EngineConfig(lazy_compile=lazy_compile, **{k: v for k, v in given.items() if v is not None})
 
 
 def engine_from_args(args: argparse.Namespace, *, lazy_compile: bool, model_config: str | None = None,

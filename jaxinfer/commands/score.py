@@ -24,7 +24,7 @@ def register(sub) -> None:
         example="echo '{\"context\": \"The capital of France is\", \"continuation\": \" Paris\"}' | jaxinfer score",
     )
     p.add_argument("file", nargs="?", default="-", help="JSON lines file ('-' = stdin)")
-    add_model_args(p, slots=1)
+    add_model_args(p, max_seqs=1)
     p.set_defaults(func=run)
 
 

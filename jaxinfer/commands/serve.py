@@ -50,7 +50,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     n.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this HTTP port (/metrics); off if unset")
     n.add_argument("--metrics-host", default="0.0.0.0", help="address of the metrics exporter")
     q = p.add_argument_group("admission")
-    q.add_argument("--max-queue-requests", type=int, default=256, help="requests waiting for a slot before RESOURCE_EXHAUSTED")
+    q.add_argument("--max-queue-requests", type=int, default=256, help="requests waiting for admission before RESOURCE_EXHAUSTED")
     q.add_argument("--max-queue-tokens", type=int, default=1 << 20, help="prompt tokens waiting before RESOURCE_EXHAUSTED")
     q.add_argument("--default-max-tokens", type=int, default=256, help="max_tokens of requests that leave it unset")
     q.add_argument("--max-stop-strings", type=int, default=16, help="stop strings per request")
@@ -74,6 +74,7 @@ def run(args: argparse.Namespace) -> int:
         tls_cert=Path(args.tls_cert).read_bytes() if args.tls_cert else None,
         tls_key=Path(args.tls_key).read_bytes() if args.tls_key else None,
         grace_period=args.grace_period,
+        prefix_cache=not args.no_prefix_cache,
     )
     http = None if args.no_http else HttpOptions(
         host=args.host, port=args.http_port, max_body_bytes=args.max_message_bytes,

@@ -7,7 +7,7 @@ hand-computable fake engine that implements the same protocol.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol, Sequence
+from typing import Mapping, Protocol, Sequence
 
 MAX_TOP_LOGPROBS = 20
 
@@ -62,9 +62,8 @@ class SlotToken:
 
 @dataclass(frozen=True)
 class ScoreOutput:
-    """log p(continuation | context), per token and summed; ``top_ids`` / ``top_logprobs``: the
-    most likely token and its log-probability at each continuation position (empty when the
-    engine does not report them)."""
+    """log p(continuation | context), per token and summed; per position also
+    the greedy (argmax) token and its log-probability."""
 
     logprob: float
     token_logprobs: tuple[float, ...]
@@ -77,48 +76,61 @@ class ScoreOutput:
 
 class StepHandle(Protocol):
     def result(self) -> dict[int, SlotToken]:
-        """Block until the step is done; sampled tokens by slot."""
+        """Block until the step is done; sampled tokens by row."""
+
+    def results(self) -> list[dict[int, SlotToken]]:
+        """Every step of a multi-step call: one dict per step."""
 
 
 @dataclass
 class EngineStats:
-    num_slots: int
+    max_seqs: int
     max_len: int
-    cache_bytes: int
+    page_size: int
+    num_pages: int
+    pool_bytes: int
     bytes_per_token: int
     prefill_buckets: tuple[int, ...] = ()
-    compiled: dict[str, float] = field(default_factory=dict)  # name -> seconds
+    programs: int = 0  # programs compiled
+    compiled: dict[str, float] = field(default_factory=dict)  # program -> seconds, and "total"
 
 
 class EngineProtocol(Protocol):
-    """What the scheduler needs from an engine.
+    """What the scheduler needs from an engine (the Engine v2 contract).
 
-    A slot is a row of the KV cache. ``prefill`` writes a prompt (or a chunk of
-    one, at ``start``) into a slot; when ``last`` it samples and returns the
-    first generated token, which also becomes the slot's next decode input.
-    ``decode`` dispatches one step for the given active slots and returns at once;
-    the handle's ``result()`` blocks. Calling ``decode`` again before reading the
-    previous result is allowed (the device feeds sampled tokens back itself).
+    A *row* is one of ``max_seqs`` decode rows (it holds no KV); a *page* is
+    ``page_size`` token positions of the KV pool, ids ``0 .. num_pages - 1``;
+    a sequence's page table lists the pages of its positions 0, 1, ... in order.
 
-    Optional: an engine with ``prefill_many(items)`` (items: (slot, whole prompt,
-    params)), ``prefill_many_limit`` (longest prompt it takes) and ``prefill_rows``
-    (most prompts per call) gets runs of short prompts admitted together in one
-    call; the scheduler falls back to ``prefill`` without them. An engine with
-    ``decode_steps`` = k > 1 also takes ``decode(active, k)``, whose handle's
-    ``results()`` gives one dict per step; the scheduler then dispatches k steps
-    per call while every slot has room for them.
+    ``prefill`` writes ``tokens`` at positions start .. start+len-1 through
+    ``pages`` (the whole table so far; positions < start are already there: a
+    cached prefix or earlier pieces). When ``last`` it samples the first
+    generated token, arms ``row`` for decode and returns the token.
+    ``decode`` dispatches ``steps`` steps for ``rows`` (pages[row] covers the
+    row's length + steps positions) and returns at once; it may be called
+    again before the previous handle was read. ``release`` forgets a row's
+    decode state. ``score`` runs tokens at positions start.. (writing their K/V
+    into ``pages``) and returns log p(targets[i] | sequence up to tokens[i]).
+
+    Optional, used when present: ``prefill_many(items)`` with items ``(row,
+    tokens, params, start, pages)`` (at most ``prefill_rows`` of them, each at
+    most ``prefill_many_limit`` tokens) in one call; ``decode_steps`` = k > 1
+    means ``decode(rows, pages, k)`` is compiled (the handle's ``results()``
+    gives one dict per step).
     """
 
-    num_slots: int
+    max_seqs: int
     max_len: int
-    prefill_chunk: int  # longest piece prefill accepts in one call
+    page_size: int
+    num_pages: int
+    prefill_chunk: int  # longest piece prefill/score accepts in one call
 
-    def prefill(
-        self, slot: int, tokens: Sequence[int], params: SamplingParams, *, start: int = 0, last: bool = True
-    ) -> SlotToken | None: ...
+    def prefill(self, row: int, tokens: Sequence[int], params: SamplingParams, *, pages: Sequence[int],
+                start: int = 0, last: bool = True) -> SlotToken | None: ...
 
-    def decode(self, active: Sequence[int]) -> StepHandle: ...
+    def decode(self, rows: Sequence[int], pages: Mapping[int, Sequence[int]], steps: int = 1) -> StepHandle: ...
 
-    def release(self, slot: int) -> None: ...
+    def release(self, row: int) -> None: ...
 
-    def score(self, context: Sequence[int], continuation: Sequence[int]) -> ScoreOutput: ...
+    def score(self, tokens: Sequence[int], targets: Sequence[int], *, pages: Sequence[int],
+              start: int = 0) -> ScoreOutput: ...

@@ -34,7 +34,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException
 
-import jaxinfer
+from jaxinfer.version import __version__
 from jaxinfer.metrics import Metrics
 from jaxinfer.scheduler import InvalidRequestError, NotAcceptingError, QueueFullError, Scheduler, TokenizerLike
 from server.openai_api.events import Connection, watch
@@ -160,7 +160,7 @@ def build_app(
         if name is not None and name != model_name:
             raise ApiError(404, f"model {name!r} does not exist: this server serves {model_name!r}", "model")
 
-    app = FastAPI(title="jaxinfer", version=jaxinfer.__version__, docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="jaxinfer", version=__version__, docs_url=None, redoc_url=None, openapi_url=None)
     app.add_exception_handler(ApiError, lambda r, e: _error(e))
     app.add_exception_handler(RequestValidationError, lambda r, e: _error(_validation_error(e)))
     app.add_exception_handler(
@@ -172,7 +172,7 @@ def build_app(
 
     def model_card() -> dict:
         return {"id": model_name, "object": "model", "created": created, "owned_by": "jaxinfer",
-                "root": model_name, "max_model_len": scheduler.max_len}
+                "root": model_name, "max_model_len": scheduler.max_seq_tokens}
 
     @app.get("/v1/models", dependencies=auth)
     async def models() -> dict:
@@ -234,7 +234,7 @@ def build_app(
                 ids = builder.encode("prompt", body.prompt, add_bos=add_bos)
         except Exception as e:
             raise _api_error(e) from None
-        return {"count": len(ids), "max_model_len": scheduler.max_len, "tokens": ids, "token_strs": None}
+        return {"count": len(ids), "max_model_len": scheduler.max_seq_tokens, "tokens": ids, "token_strs": None}
 
     @app.post("/detokenize", dependencies=auth)
     async def detokenize(body: DetokenizeRequest) -> dict:
@@ -254,7 +254,7 @@ def build_app(
             "pad_token": None,
             "add_bos_token": bool(getattr(tokenizer, "add_bos", False)),
             "chat_template": getattr(tokenizer, "chat_template", None),
-            "model_max_length": scheduler.max_len,
+            "model_max_length": scheduler.max_seq_tokens,
             "vocab_size": scheduler.vocab_size,
         }
 

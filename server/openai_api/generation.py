@@ -325,7 +325,7 @@ def _record(choice: _Choice, ev: Event) -> None:
         choice.finish_reason = ev.finish_reason
         if ev.usage is not None:
             choice.completion_tokens = ev.usage.completion_tokens
-            choice.cached_tokens = getattr(ev.usage, "cached_tokens", 0)
+            choice.cached_tokens = ev.usage.cached_tokens
 
 
 async def _events(streams: list[RequestStream], choices: list[_Choice], conn: Connection,

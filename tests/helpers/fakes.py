@@ -1,9 +1,13 @@
-"""The hand-computable fake engine the scheduler, server, replica and multi-host tests run on.
+"""A hand-computable fake engine, tokenizer and detokenizer for scheduler and server tests.
 
-The fake engine's next token is ``(last token + 1) % V`` with a fixed logprob, so every
-stream's expected output is known in advance (``expected``); it checks the engine contract
-(chunks in order, no decode of a released or unprefilled slot, nothing written past max_len,
-every call from one thread). The fake tokenizer maps ids 0..94 to the printable ASCII characters.
+The fake engine keeps a paged pool: it writes every token through the page table it is given
+and computes its next token, ``(last token + 1) % V``, and its logprob, a checksum of the whole
+sequence, from what it reads back through that table. So every stream's expected output is
+known in advance and a wrong page table (a bad prefix-cache hit, a page freed too early)
+changes it; it checks the engine contract (chunks in order, positions before ``start`` written,
+no decode of a released or unprefilled row, no write into a page another row holds, nothing
+past max_len, every call from one thread). The fake tokenizer maps ids 0..94 to the printable
+ASCII characters.
 """
 
 from __future__ import annotations
@@ -69,10 +73,15 @@ def next_token(t: int) -> int:
     return (t + 1) % V
 
 
-def slot_token(t: int, n_top: int) -> SlotToken:
-    return SlotToken(
-        t, LOGPROB, tuple((t + i) % V for i in range(n_top)), tuple(LOGPROB - i for i in range(n_top))
-    )
+def logprob_of(seq: Sequence[int]) -> float:
+    """The fake's logprob of the token after ``seq``: a checksum of everything the engine read
+    through the page table, so a wrong page table shows in the logprobs even when the token
+    (which depends only on the last position) comes out right."""
+    return -(sum((i + 1) * t for i, t in enumerate(seq)) % 997) / 64
+
+
+def slot_token(t: int, n_top: int, lp: float = LOGPROB) -> SlotToken:
+    return SlotToken(t, lp, tuple((t + i) % V for i in range(n_top)), tuple(lp - i for i in range(n_top)))
 
 
 class FakeHandle:
@@ -91,25 +100,37 @@ class FakeHandle:
 
 
 class FakeEngine:
-    """EngineProtocol with hand-computable output. Decode work happens at dispatch (device order);
-    ``step_delay`` is how long a step's result takes to become ready."""
+    """EngineProtocol over a fake paged pool: every token written goes into ``pool[page][offset]``
+    through the page table it is given, and every output is computed from what it reads back
+    through the page table (next token = last token + 1, logprob = a checksum of the whole
+    sequence), so a wrong page table gives wrong tokens or logprobs. Decode work happens at
+    dispatch (device order); ``step_delay`` is how long a step's result takes to become ready.
+    It checks the contract: chunks in order, positions before ``start`` already written, pages
+    cover what is written, nothing past max_len, no write into a page another live row holds
+    (cached pages are read-only), every call from one thread."""
 
     def __init__(
         self,
-        num_slots: int = 4,
+        max_seqs: int = 4,
         max_len: int = 64,
         prefill_chunk: int = 8,
         step_delay: float = 0.0,
         fail_prefill_token: int | None = None,
+        page_size: int = 4,
+        num_pages: int | None = None,
     ) -> None:
-        self.num_slots, self.max_len, self.prefill_chunk = num_slots, max_len, prefill_chunk
+        self.max_seqs, self.max_len, self.prefill_chunk = max_seqs, max_len, prefill_chunk
+        self.page_size = page_size
+        self.num_pages = num_pages if num_pages is not None else max_seqs * -(-max_len // page_size)
+        self.pool: list[list[int | None]] = [[None] * page_size for _ in range(self.num_pages)]
         self.step_delay = step_delay
         self.fail_prefill_token = fail_prefill_token
         self.fail_next_decode = False
         self.gate: threading.Event | None = None
-        self.state: list[dict | None] = [None] * num_slots
+        self.state: list[dict | None] = [None] * max_seqs
         self.calls: list[tuple] = []
         self.violations: list[str] = []
+        self.score_reads: list[tuple[int, ...]] = []  # the whole sequence each score piece read
         self._thread: int | None = None
 
     def _check(self, ok: bool, what: str) -> None:
@@ -122,82 +143,122 @@ class FakeEngine:
         self._thread = self._thread or me
         self._check(self._thread == me, "engine called from two threads")
 
-    def prefill(self, slot, tokens, params: SamplingParams, *, start=0, last=True):
+    def _table(self, pages, n: int, what: str) -> list[int]:
+        pages = list(pages)
+        self._check(len(set(pages)) == len(pages), f"{what}: page table {pages} repeats a page")
+        self._check(all(0 <= p < self.num_pages for p in pages), f"{what}: page out of range in {pages}")
+        self._check(len(pages) * self.page_size >= n, f"{what}: {len(pages)} pages do not cover {n} positions")
+        return pages
+
+    def _write(self, row: int | None, pages: list[int], pos: int, token: int, what: str) -> None:
+        page = pages[pos // self.page_size]
+        for other, st in enumerate(self.state):
+            if other != row and st is not None:
+                self._check(page not in st["pages"], f"{what}: writes page {page} that row {other} holds")
+        self.pool[page][pos % self.page_size] = token
+
+    def _read(self, pages: list[int], n: int, what: str) -> list[int]:
+        seq = [self.pool[pages[p // self.page_size]][p % self.page_size] for p in range(n)]
+        self._check(None not in seq, f"{what}: reads a position never written")
+        return seq
+
+    def prefill(self, row, tokens, params: SamplingParams, *, pages, start=0, last=True):
         self._on_thread()
         tokens = list(tokens)
-        self.calls.append(("prefill", slot, start, len(tokens), last, time.monotonic()))
-        self._check(0 <= slot < self.num_slots, f"prefill: slot {slot} out of range")
+        first_piece = 0 <= row < self.max_seqs and self.state[row] is None
+        self.calls.append(("prefill", row, start, len(tokens), last, time.monotonic(), first_piece))
+        self._check(0 <= row < self.max_seqs, f"prefill: row {row} out of range")
         self._check(1 <= len(tokens) <= self.prefill_chunk, f"prefill: chunk of {len(tokens)} tokens")
-        st = self.state[slot]
-        if start == 0:
-            self._check(st is None, f"prefill: slot {slot} not released")
-            st = self.state[slot] = {"length": 0, "last": None, "ready": False, "params": params}
-        else:
-            self._check(st is not None and st["length"] == start and not st["ready"], "prefill: chunk out of order")
         self._check(start + len(tokens) <= self.max_len, "prefill: past max_len")
+        pages = self._table(pages, start + len(tokens), "prefill")
+        st = self.state[row]
+        if st is None:  # a new sequence: positions before start are its cached prefix
+            self._read(pages, start, "prefill of a cached prefix")
+            st = self.state[row] = {"length": start, "last": None, "ready": False, "params": params, "pages": pages}
+        else:
+            self._check(st["length"] == start and not st["ready"], "prefill: chunk out of order or row not released")
+            st["pages"] = pages
         if self.fail_prefill_token is not None and self.fail_prefill_token in tokens:
             raise RuntimeError("injected prefill failure")
+        for i, t in enumerate(tokens):
+            self._write(row, pages, start + i, t, "prefill")
         st["length"] += len(tokens)
         if not last:
             return None
-        st["ready"], st["last"] = True, next_token(tokens[-1])
-        return slot_token(st["last"], params.logprobs)
+        seq = self._read(pages, st["length"], "prefill")
+        st["ready"], st["last"] = True, next_token(seq[-1])
+        return slot_token(st["last"], params.logprobs, logprob_of(seq))
 
-    def decode(self, active):
-        self._on_thread()
-        active = list(active)
-        self.calls.append(("decode", tuple(active), time.monotonic()))
+    def _decode_one(self, rows, pages) -> dict[int, SlotToken]:
         results = {}
-        for slot in active:
-            st = self.state[slot]
-            self._check(st is not None and st["ready"], f"decode: slot {slot} not prefilled")
-            self._check(st["length"] < self.max_len, f"decode: slot {slot} past max_len")
-            st["length"] += 1  # writes the previous token's K/V
-            st["last"] = next_token(st["last"])
-            results[slot] = slot_token(st["last"], st["params"].logprobs)
+        for row in rows:
+            st = self.state[row]
+            self._check(st is not None and st["ready"], f"decode: row {row} not prefilled")
+            self._check(st["length"] < self.max_len, f"decode: row {row} past max_len")
+            table = self._table(pages[row], st["length"] + 1, f"decode row {row}")
+            st["pages"] = table
+            self._write(row, table, st["length"], st["last"], "decode")  # the previous token's K/V
+            st["length"] += 1
+            seq = self._read(table, st["length"], "decode")
+            st["last"] = next_token(seq[-1])
+            results[row] = slot_token(st["last"], st["params"].logprobs, logprob_of(seq))
+        return results
+
+    def decode(self, rows, pages):
+        self._on_thread()
+        rows = list(rows)
+        self.calls.append(("decode", tuple(rows), time.monotonic()))
+        self._check(set(pages) == set(rows), f"decode: page tables for {sorted(pages)}, rows {rows}")
+        results = self._decode_one(rows, pages)
         fail, self.fail_next_decode = self.fail_next_decode, False
         return FakeHandle(results, time.monotonic() + self.step_delay, self.gate, fail)
 
-    def release(self, slot):
+    def release(self, row):
         self._on_thread()
-        self.calls.append(("release", slot, time.monotonic()))
-        self.state[slot] = None
+        self.calls.append(("release", row, time.monotonic()))
+        self.state[row] = None
 
-    def score(self, context, continuation) -> ScoreOutput:
+    def score(self, tokens, targets, *, pages, start=0) -> ScoreOutput:
         self._on_thread()
-        self.calls.append(("score", len(context), len(continuation), time.monotonic()))
-        prev = list(context)[-1]
-        lps = []
-        for t in continuation:
-            lps.append(-1.0 if t == next_token(prev) else -5.0)
-            prev = t
-        return ScoreOutput(sum(lps), tuple(lps), all(x == -1.0 for x in lps), tuple(context), tuple(continuation))
+        tokens, targets = list(tokens), list(targets)
+        self.calls.append(("score", start, len(tokens), time.monotonic()))
+        self._check(len(tokens) == len(targets) and 1 <= len(tokens) <= self.prefill_chunk, "score: piece size")
+        pages = self._table(pages, start + len(tokens), "score")
+        self._read(pages, start, "score of a cached prefix")
+        for i, t in enumerate(tokens):
+            self._write(None, pages, start + i, t, "score")
+        seq = self._read(pages, start + len(tokens), "score")
+        self.score_reads.append(tuple(seq))
+        tops = [next_token(seq[start + i]) for i in range(len(tokens))]
+        lps = [-1.0 if tgt == top else -5.0 for tgt, top in zip(targets, tops)]
+        return ScoreOutput(sum(lps), tuple(lps), tops == targets, tuple(tokens), tuple(targets), tuple(tops),
+                           tuple(-1.0 for _ in tops))
 
-    def active_slots(self) -> int:
+    def active_rows(self) -> int:
         return sum(s is not None for s in self.state)
 
 
 class GroupingFakeEngine(FakeEngine):
-    """A FakeEngine that also prefills up to 3 whole prompts of <= 4 tokens in one call."""
+    """A FakeEngine that also prefills up to 3 prompt remainders of <= 4 tokens in one call."""
 
     prefill_rows, prefill_many_limit = 3, 4
     hold: threading.Event | None = None  # a one-prompt prefill waits for it (once)
 
-    def prefill(self, slot, tokens, params, *, start=0, last=True):
+    def prefill(self, row, tokens, params, *, pages, start=0, last=True):
         hold, self.hold = self.hold, None
         if hold is not None:
             hold.wait(10)
-        return super().prefill(slot, tokens, params, start=start, last=last)
+        return super().prefill(row, tokens, params, pages=pages, start=start, last=last)
 
     def prefill_many(self, items):
         self._on_thread()
-        items = [(slot, list(tokens), params) for slot, tokens, params in items]
-        self.calls.append(("prefill_many", tuple(slot for slot, _, _ in items), time.monotonic()))
+        items = [(row, list(tokens), params, start, pages) for row, tokens, params, start, pages in items]
+        self.calls.append(("prefill_many", tuple(it[0] for it in items), time.monotonic()))
         self._check(1 <= len(items) <= self.prefill_rows, f"prefill_many: {len(items)} prompts")
-        self._check(all(len(t) <= self.prefill_many_limit for _, t, _ in items), "prefill_many: prompt too long")
-        if any(self.fail_prefill_token in t for _, t, _ in items):
+        self._check(all(len(it[1]) <= self.prefill_many_limit for it in items), "prefill_many: prompt too long")
+        if any(self.fail_prefill_token in it[1] for it in items):
             raise RuntimeError("injected prefill failure")
-        return [FakeEngine.prefill(self, slot, t, params) for slot, t, params in items]
+        return [FakeEngine.prefill(self, row, t, params, pages=pages, start=start) for row, t, params, start, pages in items]
 
 
 class MultiStepHandle:
@@ -216,13 +277,15 @@ class MultiStepFakeEngine(FakeEngine):
 
     decode_steps = 3
 
-    def decode(self, active, steps=1):
+    def decode(self, rows, pages, steps=1):
         if steps == 1:
-            self.calls.append(("decode_1", tuple(active), time.monotonic()))
-            return super().decode(active)
+            self.calls.append(("decode_1", tuple(rows), time.monotonic()))
+            return super().decode(rows, pages)
         self._check(steps == self.decode_steps, f"decode: {steps} steps per call")
-        self.calls.append(("decode_k", tuple(active), time.monotonic()))
-        return MultiStepHandle([super(MultiStepFakeEngine, self).decode(active) for _ in range(steps)])
+        for row in rows:
+            self._table(pages[row], self.state[row]["length"] + steps, f"decode_k row {row}")
+        self.calls.append(("decode_k", tuple(rows), time.monotonic()))
+        return MultiStepHandle([super(MultiStepFakeEngine, self).decode(rows, pages) for _ in range(steps)])
 
 
 def expected(prompt_ids: Sequence[int], max_tokens: int, eos: bool = True) -> list[int]:

@@ -53,15 +53,19 @@ class HttpFakeDetokenizer:
 
 
 class HttpFakeEngine:
-    """EngineProtocol: the next token is (last + 1) % 97 with log-prob -0.25 (its top alternatives
-    are the next ids, at -0.25 - i) when temperature is 0; with a temperature, (last + 1 + r) % 97
-    where r in [0, 10) comes from the request's seed and the position, so seeded sampling is
-    reproducible and different seeds differ. ``score``: -1 for a token that follows its
-    predecessor, else -5; the top-1 is always that successor. ``step_delay`` slows each step."""
+    """EngineProtocol (pages are accepted and ignored: the HTTP tests check the front end, and
+    tests.helpers.fakes checks page tables): the next token is (last + 1) % 97 with log-prob -0.25
+    (its top alternatives are the next ids, at -0.25 - i) when temperature is 0; with a
+    temperature, (last + 1 + r) % 97 where r in [0, 10) comes from the request's seed and the
+    position, so seeded sampling is reproducible and different seeds differ. ``score``: -1 for a
+    target that follows its input token, else -5; the top-1 is always that successor.
+    ``step_delay`` slows each step."""
 
-    def __init__(self, num_slots: int = 4, max_len: int = 64, prefill_chunk: int = 16, step_delay: float = 0.0):
-        self.num_slots, self.max_len, self.prefill_chunk, self.step_delay = num_slots, max_len, prefill_chunk, step_delay
-        self.state: list[dict | None] = [None] * num_slots
+    def __init__(self, max_seqs: int = 4, max_len: int = 64, prefill_chunk: int = 16, step_delay: float = 0.0,
+                 page_size: int = 4, num_pages: int = 256):
+        self.max_seqs, self.max_len, self.prefill_chunk, self.step_delay = max_seqs, max_len, prefill_chunk, step_delay
+        self.page_size, self.num_pages = page_size, num_pages
+        self.state: list[dict | None] = [None] * max_seqs
         self.gate = threading.Event()
         self.gate.set()
         self.decode_calls = 0
@@ -73,29 +77,29 @@ class HttpFakeEngine:
         st["last"] = (st["last"] + 1 + r) % 97
         return st["last"]
 
-    def _token(self, t: int, n_top: int):
+    def _token(self, t: int, n_top: int) -> SlotToken:
         return SlotToken(t, -0.25, tuple((t + i) % 97 for i in range(n_top)), tuple(-0.25 - i for i in range(n_top)))
 
-    def prefill(self, slot, tokens, params, *, start=0, last=True):
-        if start == 0:
-            self.state[slot] = {"length": 0, "last": None, "params": params}
-        st = self.state[slot]
-        st["length"] += len(tokens)
+    def prefill(self, row, tokens, params, *, pages, start=0, last=True):
+        if self.state[row] is None or start == 0:
+            self.state[row] = {"length": start, "last": None, "params": params}
+        st = self.state[row]
+        st["length"] = start + len(tokens)
         if not last:
             return None
-        st["last"] = tokens[-1]
+        st["last"], st["params"] = tokens[-1], params
         return self._token(self._next(st), params.logprobs)
 
-    def decode(self, active):
+    def decode(self, rows, pages, steps=1):
         self.gate.wait(30)
         self.decode_calls += 1
         if self.step_delay:
             time.sleep(self.step_delay)
         out = {}
-        for slot in active:
-            st = self.state[slot]
+        for row in rows:
+            st = self.state[row]
             st["length"] += 1
-            out[slot] = self._token(self._next(st), st["params"].logprobs)
+            out[row] = self._token(self._next(st), st["params"].logprobs)
 
         class Handle:
             def result(self_inner):
@@ -103,18 +107,15 @@ class HttpFakeEngine:
 
         return Handle()
 
-    def release(self, slot):
-        self.state[slot] = None
-        self.released.append(slot)
+    def release(self, row):
+        self.state[row] = None
+        self.released.append(row)
 
-    def score(self, context, continuation):
-        prev, lps, tops = list(context)[-1], [], []
-        for t in continuation:
-            lps.append(-1.0 if t == (prev + 1) % 97 else -5.0)
-            tops.append((prev + 1) % 97)
-            prev = t
-        return ScoreOutput(sum(lps), tuple(lps), all(x == -1.0 for x in lps), tuple(context), tuple(continuation),
-                           top_ids=tuple(tops), top_logprobs=tuple(-1.0 for _ in tops))
+    def score(self, tokens, targets, *, pages, start=0):
+        lps = [-1.0 if t == (x + 1) % 97 else -5.0 for x, t in zip(tokens, targets)]
+        tops = [(x + 1) % 97 for x in tokens]
+        return ScoreOutput(sum(lps), tuple(lps), all(x == -1.0 for x in lps), top_ids=tuple(tops),
+                           top_logprobs=tuple(-1.0 for _ in tops))
 
-    def active_slots(self) -> int:
+    def active_rows(self) -> int:
         return sum(s is not None for s in self.state)

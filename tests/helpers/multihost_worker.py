@@ -23,12 +23,12 @@ from jaxinfer.engine.types import SamplingParams  # noqa: E402
 
 # (floats that float32 holds exactly, so what arrives must equal what was sent)
 COMMANDS = [
-    Command(Op.PREFILL, slot=3, start=64, last=False, tokens=tuple(range(7, 207)),
+    Command(Op.PREFILL, row=3, start=64, last=False, tokens=tuple(range(7, 207)), pages=((5, 9, 2, 40, 41),),
             params=SamplingParams(temperature=0.75, top_k=40, top_p=0.875, min_p=0.0625, repetition_penalty=1.125,
                                   presence_penalty=-0.5, frequency_penalty=0.25, seed=2**62 + 12345, logprobs=5)),
-    Command(Op.PREFILL, slot=0, tokens=(1, 2, 3), params=SamplingParams()),
-    Command(Op.DECODE, active=(0, 2, 3), released=(1,)),
-    Command(Op.SCORE, split=2, tokens=(9, 8, 7, 6, 5)),
+    Command(Op.PREFILL, row=0, tokens=(1, 2, 3), params=SamplingParams(), pages=((7,),)),
+    Command(Op.DECODE, rows=(0, 2, 3), pages=((7,), (1, 4), (5, 9, 2, 40, 41, 0)), steps=4, released=(1,)),
+    Command(Op.SCORE, start=16, tokens=(9, 8, 7, 6, 5), targets=(8, 7, 6, 5, 4), pages=((3, 6),)),
     Command(Op.NOOP, released=(0, 3)),
     Command(Op.STOP),
 ]
@@ -37,7 +37,9 @@ COMMANDS = [
 def as_json(cmd: Command) -> dict:
     d = dataclasses.asdict(cmd)
     d["op"] = int(cmd.op)
-    d["tokens"], d["active"], d["released"] = list(cmd.tokens), list(cmd.active), list(cmd.released)
+    for key in ("tokens", "targets", "rows", "released"):
+        d[key] = list(getattr(cmd, key))
+    d["pages"] = [list(p) for p in cmd.pages]
     return d
 
 
@@ -60,7 +62,7 @@ def main() -> None:
         }
         for name, a in params.items()
     }
-    channel = distributed.Channel(num_slots=4, max_tokens=300)
+    channel = distributed.Channel(num_rows=4, max_payload=300)
     channel.warmup()
     received = []
     for cmd in COMMANDS:

@@ -45,8 +45,8 @@ class Served:
         sched = self.server.scheduler
         wait_for(lambda: sched.load().live_requests == 0)
         load = sched.load()
-        assert (load.active_slots, load.queue_requests, load.queue_tokens) == (0, 0, 0)
-        assert self.engine.active_slots() == 0
+        assert (load.active_seqs, load.queue_requests, load.queue_tokens) == (0, 0, 0)
+        assert self.engine.active_rows() == 0
         started = self.metrics.value("jaxinfer_requests_started_total")
         assert started == sum(self.metrics.finished_by_reason().values())
         assert self.engine.violations == []

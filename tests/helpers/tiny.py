@@ -12,7 +12,8 @@ import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from jaxinfer.config import GEMMA3_270M, SMOLLM2_135M, gemma3_layer_types
-from jaxinfer.engine.engine import EngineConfig
+from jaxinfer.engine.config import EngineConfig
+from jaxinfer.engine.pages import KVPool
 from jaxinfer.model.transformer import Transformer
 from jaxinfer.model.weights import nest, random_weights
 from jaxinfer.tokenizer import HFTokenizer
@@ -29,13 +30,20 @@ GEMMA_TINY = dataclasses.replace(
     vocab_size=512, head_dim=16, query_pre_attn_scalar=16.0, sliding_window=16,
     layer_types=gemma3_layer_types(6), max_position_embeddings=512,
 )
-# span_blocks=True on every platform (the CPU default) so the layout the block
-# tests look at is the same on a GPU; the one-block layout is tested beside it.
-ENGINE_CFG = EngineConfig(slots=4, max_len=128, prefill_buckets=(16, 32), min_span=32, span_blocks=True)
+PAGE = 8
+NUM_PAGES = 96
+
+
+def engine_config(cfg, num_pages: int = NUM_PAGES, **kw) -> EngineConfig:
+    """A small engine for ``cfg``: 4 rows, pages of 8, a pool of ``num_pages`` pages, 128 positions."""
+    base = dict(max_seqs=4, max_len=128, page_size=PAGE, prefill_buckets=(16, 32), decode_batches=(2,),
+                kv_cache_bytes=num_pages * PAGE * KVPool.bytes_per_token(cfg, jnp.float32))
+    return EngineConfig(**{**base, **kw})
+
 
 # The tiny BPE checkpoint: LLAMA_TINY's shape with the tokenizer's vocabulary, <bos>=0, <eos>=1.
 BPE_TINY = dataclasses.replace(LLAMA_TINY, name="tiny-bpe", vocab_size=384, bos_token_id=0, eos_token_ids=(1,))
-BPE_ENGINE = EngineConfig(slots=4, max_len=128, prefill_buckets=(16, 64), min_span=32, lazy_compile=True)
+BPE_ENGINE = engine_config(BPE_TINY, prefill_buckets=(16, 64), lazy_compile=True)
 CHAT = "{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}"
 
 
