@@ -11,7 +11,7 @@ lm-eval only knows models whose module was imported (it has no plugin entry poin
 
 ``model_args``: ``model`` (anything ``--model`` takes) or ``server=HOST:PORT``; ``mesh`` as
 ``DATAxMODEL`` (``2x4``) or ``data:2;model:4`` (lm-eval splits model_args at commas); ``dtype``,
-``slots``, ``max_len``, ``model_config``/``step``/``tokenizer`` (training runs),
+``max_seqs``, ``max_len``, ``kv_cache_memory`` (e.g. ``512MiB``), ``model_config``/``step``/``tokenizer`` (training runs),
 ``auth_token_file``, ``concurrency``, ``max_gen_toks`` (default 256), ``window``/``stride`` (rolling
 windows; default max_len and max_len / 2) and ``rolling_prefix``.
 
@@ -43,7 +43,8 @@ from lm_eval.api.registry import model_registry, register_model
 from tqdm.auto import tqdm
 
 from jaxinfer.client import read_token_file
-from jaxinfer.engine.engine import EngineConfig, enable_compilation_cache
+from jaxinfer.engine.config import EngineConfig, parse_size
+from jaxinfer.engine.engine import enable_compilation_cache
 from jaxinfer.evaluation.backend import Backend, EngineBackend, GenerationOptions, Prompt, ServerBackend
 from jaxinfer.evaluation.perplexity import evaluate_perplexity
 from jaxinfer.loading import DEFAULT_MODEL, build_engine, resolve
@@ -70,8 +71,9 @@ class JaxinferLM(LM):
         *,
         mesh: Any = None,
         dtype: str | None = None,
-        slots: int = 8,
+        max_seqs: int = 8,
         max_len: int = 2048,
+        kv_cache_memory: str | None = None,
         model_config: str | None = None,
         step: int | None = None,
         tokenizer: str | None = None,
@@ -100,7 +102,9 @@ class JaxinferLM(LM):
                 model = str(model or DEFAULT_MODEL)
                 enable_compilation_cache()
                 source = resolve(model, dtype=dtype, model_config=model_config, step=None if step is None else int(step))
-                engine = build_engine(source, EngineConfig(slots=int(slots), max_len=int(max_len), lazy_compile=True),
+                engine = build_engine(source, EngineConfig(
+                    max_seqs=int(max_seqs), max_len=int(max_len), lazy_compile=True,
+                    kv_cache_bytes=parse_size(kv_cache_memory) if kv_cache_memory else None),
                                       mesh=parse_mesh(mesh), dtype=dtype, tokenizer=tokenizer)
                 backend = EngineBackend(engine, model=model, checkpoint=source.path, step=source.step)
         self.backend = backend

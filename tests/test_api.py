@@ -18,21 +18,18 @@ from jaxinfer.metrics import Metrics
 from jaxinfer.scheduler import NotAcceptingError
 from jaxinfer.tokenizer import tokenize_pair
 from server.app import ModelDescription, ServerOptions, build_server
+from tests.helpers.drive import drive, score_direct
 from tests.helpers.tiny import BPE_ENGINE
 
 PROMPT = "The lighthouse keeper"
-# the engine `jaxinfer generate --slots 4 --max-len 128 --prefill-buckets 16,64` builds
-CLI_ENGINE = EngineConfig(slots=4, max_len=128, prefill_buckets=(16, 64), lazy_compile=True)
-CLI_FLAGS = ["--slots", "4", "--max-len", "128", "--prefill-buckets", "16,64"]
+# the engine `jaxinfer generate --max-seqs 4 --max-len 128 --prefill-buckets 16,64 --kv-cache-memory 1MiB` builds
+CLI_ENGINE = EngineConfig(max_seqs=4, max_len=128, prefill_buckets=(16, 64), kv_cache_bytes=1 << 20, lazy_compile=True)
+CLI_FLAGS = ["--max-seqs", "4", "--max-len", "128", "--prefill-buckets", "16,64", "--kv-cache-memory", "1MiB"]
 
 
 def hand_greedy(engine: Engine, ids: list[int], n: int) -> list[int]:
-    """n greedy tokens from engine.prefill + engine.decode on slot 0 (no scheduler)."""
-    out = [engine.prefill(0, ids, SamplingParams()).token]
-    while len(out) < n:
-        out.append(engine.decode([0]).result()[0].token)
-    engine.release(0)
-    return out
+    """n greedy tokens from direct engine.prefill + engine.decode calls (no scheduler)."""
+    return drive(engine, [ids], max_tokens=n)[0]["token_ids"]
 
 
 def test_exports():
@@ -42,10 +39,14 @@ def test_exports():
 
 
 def test_load_generate_score_tokenizer(tiny_ckpt: Path):
-    with jaxinfer.load(tiny_ckpt, engine=BPE_ENGINE) as llm:
-        tok = llm.tokenizer
-        ids = tok.encode(PROMPT)
-        want = hand_greedy(llm.engine, ids, 8)
+    llm = jaxinfer.load(tiny_ckpt, engine=BPE_ENGINE)
+    tok = llm.tokenizer
+    ids = tok.encode(PROMPT)
+    llm.close()  # the reference drives the engine directly, with no scheduler holding its pool
+    want = hand_greedy(llm.engine, ids, 8)
+    ctx, cont = tokenize_pair(tok, PROMPT, " was", llm.engine.cfg.bos_token_id)
+    direct = score_direct(llm.engine, ctx, cont)
+    with jaxinfer.LLM(llm.engine) as llm:
         outs = llm.generate([PROMPT, ids], jaxinfer.SamplingParams(temperature=0.0), max_tokens=8, ignore_eos=True,
                             logprobs=True)
         for out in outs:
@@ -68,9 +69,8 @@ def test_load_generate_score_tokenizer(tiny_ckpt: Path):
         assert m.finish_reason == ("stop" if later else "length")
 
         (score,) = llm.score([(PROMPT, " was")])
-        ctx, cont = tokenize_pair(tok, PROMPT, " was", llm.engine.cfg.bos_token_id)
         assert score.context_ids == tuple(ctx) and score.continuation_ids == tuple(cont)
-        assert score.logprob == pytest.approx(llm.engine.score(ctx, cont).logprob, abs=1e-5)
+        assert score.logprob == pytest.approx(direct.logprob, abs=1e-5)
         assert llm.score([(ctx, cont)])[0].logprob == pytest.approx(score.logprob, abs=1e-6)
 
 
@@ -124,7 +124,7 @@ def test_cli_generate_stops_as_the_server_does(tiny_ckpt: Path, capsys):
 
 @pytest.mark.real
 def test_smollm2_through_the_api(smollm2_dir: Path):
-    with jaxinfer.load(smollm2_dir, engine=EngineConfig(slots=2, max_len=256, lazy_compile=True)) as llm:
+    with jaxinfer.load(smollm2_dir, engine=EngineConfig(max_seqs=2, max_len=256, kv_cache_bytes=1 << 24, lazy_compile=True)) as llm:
         (out,) = llm.generate(["The capital of France is"], jaxinfer.SamplingParams(), max_tokens=16, stop=["."])
         assert "Paris" in out.text and out.finish_reason == "stop" and "." not in out.text
         paris, london = llm.score([("The capital of France is", " Paris"), ("The capital of France is", " London")])

@@ -23,6 +23,7 @@ from jaxinfer.loading import build_engine
 from jaxinfer.model.transformer import Transformer
 from jaxinfer.model.weights import nest
 from jaxinfer.tokenizer import tokenize_pair
+from tests.helpers.drive import score_direct
 from tests.helpers.scheduled import generate
 from tests.helpers.tiny import BPE_ENGINE, BPE_TINY, DATA, bpe_tokenizer, bpe_weights
 
@@ -109,7 +110,7 @@ def test_choice_is_argmax_of_jaxinfer_scores(tiny_engine):
     tok = tiny_engine.tokenizer
     hits = hits_norm = 0
     for it, o in zip(items, outcomes):
-        ref = [tiny_engine.score(*tokenize_pair(tok, it.context, c)).logprob for c in it.choices]
+        ref = [score_direct(tiny_engine, *tokenize_pair(tok, it.context, c)).logprob for c in it.choices]
         np.testing.assert_allclose(o.logprobs, ref, atol=1e-4)
         hits += int(np.argmax(ref)) == it.label
         hits_norm += int(np.argmax([r / len(c) for r, c in zip(ref, it.choices)])) == it.label
@@ -118,7 +119,7 @@ def test_choice_is_argmax_of_jaxinfer_scores(tiny_engine):
 
 
 def test_cli_perplexity_choice_generate(tiny_ckpt, tiny_engine, tmp_path, capsys):
-    base = ["--model", str(tiny_ckpt), "--slots", "4", "--max-len", "128", "--no-progress"]
+    base = ["--model", str(tiny_ckpt), "--max-seqs", "4", "--max-len", "128", "--kv-cache-memory", "1MiB", "--no-progress"]
     out = tmp_path / "ppl.json"
     assert main(["eval", "perplexity", str(DATA / "ppl.txt"), str(DATA / "rolling.jsonl"), "--window", "64",
                  "--stride", "32", "-o", str(out), *base]) == 0
@@ -214,7 +215,7 @@ def test_training_run_checkpoint_by_step(tmp_path, tiny_ckpt, capsys):
     doc_file = tmp_path / "t.txt"
     doc_file.write_text(TEXT[:300])
     base = ["eval", "perplexity", str(doc_file), "--model", str(run), "--model-config", str(tmp_path / "config.json"),
-            "--tokenizer", str(tiny_ckpt / "tokenizer"), "--max-len", "128", "--slots", "2", "--no-progress"]
+            "--tokenizer", str(tiny_ckpt / "tokenizer"), "--max-len", "128", "--max-seqs", "2", "--kv-cache-memory", "1MiB", "--no-progress"]
     for step_args, step in (([], 20), (["--step", "10"], 10)):
         out = tmp_path / f"r{step}.json"
         assert main([*base, *step_args, "-o", str(out)]) == 0
@@ -231,7 +232,7 @@ def test_training_run_checkpoint_by_step(tmp_path, tiny_ckpt, capsys):
 
 @pytest.fixture(scope="module")
 def smollm2(smollm2_dir):
-    eng = build_engine(smollm2_dir, EngineConfig(slots=4, max_len=512, lazy_compile=True))
+    eng = build_engine(smollm2_dir, EngineConfig(max_seqs=4, max_len=512, kv_cache_bytes=1 << 25, lazy_compile=True))
     return EngineBackend(eng, checkpoint=smollm2_dir)
 
 

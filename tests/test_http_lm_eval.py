@@ -32,8 +32,8 @@ NAME = "smollm2"
 
 @pytest.fixture(scope="module")
 def engine(smollm2_dir) -> Engine:
-    return build_engine(smollm2_dir, EngineConfig(slots=4, max_len=256, prefill_buckets=(32, 128), min_span=64,
-                                                  lazy_compile=True))
+    return build_engine(smollm2_dir, EngineConfig(max_seqs=4, max_len=256, prefill_buckets=(32, 128),
+                                                  kv_cache_bytes=1 << 25, lazy_compile=True))
 
 
 class Serving:

@@ -71,7 +71,7 @@ def in_repo(monkeypatch):
 
 @pytest.mark.slow  # lm-eval runs three tasks
 def test_simple_evaluate_in_process_equals_jaxinfer(tiny_ckpt, tiny_engine, in_repo, capsys):
-    res = simple_evaluate("jaxinfer", TASKS, model_args=f"model={tiny_ckpt},slots=4,max_len=128,window=64,stride=32")
+    res = simple_evaluate("jaxinfer", TASKS, model_args=f"model={tiny_ckpt},max_seqs=4,max_len=128,kv_cache_memory=1MiB,window=64,stride=32")
     # loglikelihood == `jaxinfer score`, pair by pair
     pairs, lps, greedy = choice_samples(res)
     assert len(pairs) == 39
@@ -119,7 +119,7 @@ def test_against_a_server_equals_in_process(tiny_engine, in_repo):
 def test_lm_eval_command_line(tiny_ckpt, tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "jaxinfer.lm_eval_backend", "--model", "jaxinfer", "--model_args",
-         f"model={tiny_ckpt},slots=2,max_len=128", "--tasks", "jaxinfer_tiny_choice", "--include_path",
+         f"model={tiny_ckpt},max_seqs=2,max_len=128,kv_cache_memory=1MiB", "--tasks", "jaxinfer_tiny_choice", "--include_path",
          "tests/data/lm_eval", "--limit", "3", "--output_path", str(tmp_path / "out")],
         cwd=ROOT, capture_output=True, text=True, timeout=600,
     )
@@ -131,7 +131,7 @@ def test_lm_eval_command_line(tiny_ckpt, tmp_path):
 
 @pytest.mark.real
 def test_smollm2_loglikelihood_equals_jaxinfer_score(smollm2_dir, in_repo, capsys):
-    res = simple_evaluate("jaxinfer", TASKS[:1], model_args=f"model={smollm2_dir},slots=4,max_len=256", limit=4)
+    res = simple_evaluate("jaxinfer", TASKS[:1], model_args=f"model={smollm2_dir},max_seqs=4,max_len=256,kv_cache_memory=32MiB", limit=4)
     pairs, lps, greedy = choice_samples(res)
     scored = jaxinfer_score(capsys, str(smollm2_dir), pairs, "--max-len", "256")
     np.testing.assert_allclose(lps, [s["logprob"] for s in scored], atol=2e-4)

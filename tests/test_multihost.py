@@ -195,7 +195,7 @@ class Group:
         self.logs = [workdir / f"process{i}.log" for i in range(2)]
         base = [sys.executable, "-m", "jaxinfer", "serve", "--model", str(model), "--mesh", mesh, "--port", "0",
                 "--http-port", "0",
-                "--slots", "2", "--max-len", str(max_len), "--grace-period", "5", "--heartbeat-timeout", str(heartbeat)]
+                "--max-seqs", "2", "--kv-cache-memory", "16MiB", "--max-len", str(max_len), "--grace-period", "5", "--heartbeat-timeout", str(heartbeat)]
         flags = ["--coordinator", coordinator, "--num-processes", "2", "--process-id", "0"]
         envs = [child_env(JAXINFER_XLA_CACHE=str(cache)),
                 child_env(JAXINFER_XLA_CACHE=str(cache), JAX_COORDINATOR_ADDRESS=coordinator, JAX_NUM_PROCESSES="2",

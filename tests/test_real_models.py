@@ -15,6 +15,7 @@ import torch
 from jaxinfer.engine.engine import EngineConfig
 from jaxinfer.loading import build_engine
 from jaxinfer.tokenizer import tokenize_pair
+from tests.helpers.drive import score_direct
 from tests.helpers.reference import hf_greedy
 from tests.helpers.scheduled import generate
 
@@ -38,7 +39,7 @@ N_NEW = 32
 @pytest.fixture(scope="module", params=["smollm2", "gemma3"])
 def real(request, hf_from_gguf):
     d = request.getfixturevalue(f"{request.param}_dir")
-    eng = build_engine(d, EngineConfig(slots=3, max_len=256, prefill_buckets=(32,), min_span=64, lazy_compile=True))
+    eng = build_engine(d, EngineConfig(max_seqs=3, max_len=256, prefill_buckets=(32,), kv_cache_bytes=1 << 25, lazy_compile=True))
     return request.param, eng, hf_from_gguf(d)
 
 
@@ -55,7 +56,7 @@ def test_score_equals_transformers(real):
     name, eng, hf = real
     for context, continuation in PAIRS:
         ctx, cont = tokenize_pair(eng.tokenizer, context, continuation)
-        got = eng.score(ctx, cont)
+        got = score_direct(eng, ctx, cont)
         seq = torch.tensor([ctx + cont])
         with torch.no_grad():
             lp = torch.log_softmax(hf(seq).logits[0].double(), -1)

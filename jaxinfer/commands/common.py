@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import argparse
 import logging
-import re
 
-from jaxinfer.engine.config import CPU_KV_CACHE_BYTES, MAX_LEN_CAP, EngineConfig
+from jaxinfer.engine.config import CPU_KV_CACHE_BYTES, MAX_LEN_CAP, EngineConfig, parse_size
 from jaxinfer.engine.engine import Engine, enable_compilation_cache
 from jaxinfer.loading import DEFAULT_MODEL, ModelSource, build_engine, resolve
 
@@ -109,14 +108,3 @@ def engine_from_args(args: argparse.Namespace, *, lazy_compile: bool, model_conf
                           tokenizer=tokenizer)
     log.info("%s", engine.describe())
     return engine, source
-
-
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
-
-
-def parse_size(text: str) -> int:
-    """'2GiB' -> 2147483648; plain numbers are bytes."""
-    m = re.fullmatch(r"\s*([0-9.]+)\s*([A-Za-z]*)\s*", text)
-    if not m or m.group(2).upper() not in _UNITS:
-        raise ValueError(f"bad size {text!r}: expected e.g. 2GiB, 512MiB, 1GB or a number of bytes")
-    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])

@@ -33,7 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "on --http-port. Every prefill/decode program is "
         "compiled before the port opens. SIGTERM drains: NOT_SERVING, new requests refused, in-flight ones "
         "finish within --grace-period, exit 0.",
-        example="jaxinfer serve --model smollm2-135m-instruct --slots 16 --port 50051 --http-port 8000",
+        example="jaxinfer serve --model smollm2-135m-instruct --max-seqs 64 --kv-cache-memory 1GiB --port 50051 --http-port 8000",
     )
     add_model_args(p)
     n = p.add_argument_group("network")

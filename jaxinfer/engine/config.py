@@ -25,6 +25,7 @@ fewer tokens from the same bytes.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 CPU_KV_CACHE_BYTES = 720 * 2**20
@@ -64,3 +65,14 @@ class EngineConfig:
         for name, ok, limit in checks:
             if not ok:
                 raise ValueError(f"EngineConfig.{name}={getattr(self, name)!r} must be {limit}")
+
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def parse_size(text: str) -> int:
+    """'2GiB' -> 2147483648; plain numbers are bytes."""
+    m = re.fullmatch(r"\s*([0-9.]+)\s*([A-Za-z]*)\s*", text)
+    if not m or m.group(2).upper() not in _UNITS:
+        raise ValueError(f"bad size {text!r}: expected e.g. 2GiB, 512MiB, 1GB or a number of bytes")
+    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])

@@ -169,7 +169,7 @@ class EngineBackend(Backend):
             config=json.loads(engine.cfg.to_json()),
             dtype=str(engine.dtype),
             mesh=sharding.describe(engine.mesh),
-            slots=engine.num_slots,
+            slots=engine.max_seqs,
             max_len=engine.max_len,
             add_bos=bool(self.tokenizer.add_bos),
             bos_id=engine.cfg.bos_token_id if engine.cfg.bos_token_id is not None else self.tokenizer.bos_id,

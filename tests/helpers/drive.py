@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 
-from jaxinfer.engine.types import SamplingParams
+from jaxinfer.engine.types import SamplingParams, ScoreOutput
 
 
 class PageAllocator:
@@ -65,3 +65,24 @@ def drive(engine, prompts, params=None, *, max_tokens: int = 8, steps: int = 1, 
         engine.release(r)
         pages.give(tables[r])
     return out
+
+
+def score_direct(engine, context, continuation, *, pages: PageAllocator | None = None) -> ScoreOutput:
+    """log p(continuation | context) by direct ``engine.score`` calls over fresh pages, in pieces of
+    at most ``engine.prefill_chunk`` (no scheduler, no prefix cache). Only while nothing else
+    drives the engine."""
+    full = list(context) + list(continuation)
+    tokens, targets = full[:-1], full[1:]
+    pages = pages or PageAllocator(engine.num_pages)
+    table = pages.take(math.ceil(len(tokens) / engine.page_size))
+    lps, tops, top_lps = [], [], []
+    for off in range(0, len(tokens), engine.prefill_chunk):
+        out = engine.score(tokens[off : off + engine.prefill_chunk], targets[off : off + engine.prefill_chunk],
+                           pages=table, start=off)
+        lps += out.token_logprobs
+        tops += out.top_ids
+        top_lps += out.top_logprobs
+    pages.give(table)
+    k = len(context) - 1
+    return ScoreOutput(float(sum(lps[k:])), tuple(lps[k:]), tuple(tops[k:]) == tuple(continuation), tuple(context),
+                       tuple(continuation), tuple(tops[k:]), tuple(top_lps[k:]))

@@ -7,7 +7,7 @@ from typing import Sequence
 
 from jaxinfer.api import LLM
 from jaxinfer.engine.engine import Engine
-from jaxinfer.engine.types import SamplingParams
+from jaxinfer.engine.types import SamplingParams, ScoreOutput
 
 
 class IdTokenizer:
@@ -38,3 +38,11 @@ def generate(engine: Engine, prompts: Sequence[Sequence[int]],
                             stop_token_ids=stop_token_ids or (), ignore_eos=ignore_eos, logprobs=True)
     return [{"token_ids": list(o.token_ids), "logprobs": [t.logprob for t in o.logprobs],
              "finish_reason": o.finish_reason} for o in outs]
+
+
+def score(engine: Engine, context: Sequence[int], continuation: Sequence[int]) -> ScoreOutput:
+    """log p(continuation | context) through the scheduler's score path (pages, prefix cache)."""
+    tok = engine.tokenizer if engine.tokenizer is not None else IdTokenizer(engine)
+    with LLM(engine, tok) as llm:
+        (out,) = llm.score([(list(context), list(continuation))])
+    return out
