@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from jaxinfer.api import LLM
 from jaxinfer.cli import main
 from jaxinfer.engine.engine import Engine, EngineConfig
 from jaxinfer.evaluation.backend import EngineBackend, GenerationOptions, Prompt, ServerBackend
@@ -32,7 +33,7 @@ TEXT = (DATA / "ppl.txt").read_text()
 
 @nnx.jit
 def _log_softmax_forward(m, x):
-    h, _ = m(x, jnp.arange(x.shape[1], dtype=jnp.int32)[None], None, None, 0)
+    h, _ = m(x, jnp.arange(x.shape[1], dtype=jnp.int32)[None])
     return jax.nn.log_softmax(m.logits(h[0]).astype(jnp.float32), axis=-1)
 
 
@@ -89,18 +90,22 @@ def test_perplexity_equals_a_plain_forward_per_window(tiny_engine, tiny_ckpt, wi
     assert doc.bits_per_byte == pytest.approx(nll / math.log(2) / doc.bytes, rel=1e-5)
 
 
-def test_packed_scoring_equals_one_sequence_per_call(tiny_engine):
+def test_scheduler_scoring_equals_direct_engine_scoring(tiny_engine):
+    """Pairs scored through the scheduler (pages, prefix cache, pieces of prefill_chunk) equal each
+    pair scored alone by direct engine calls; a pair longer than max_len is refused naming it."""
     rng = np.random.default_rng(0)
     pairs = [([int(t) for t in rng.integers(2, 300, c)], [int(t) for t in rng.integers(2, 300, x)])
              for c, x in [(1, 1), (5, 3), (20, 9), (3, 40), (60, 60), (7, 1), (2, 2), (15, 15), (30, 2), (90, 30)]]
-    packed = tiny_engine.score_batch(pairs)
-    for pair, got in zip(pairs, packed):
-        solo = tiny_engine.score_batch([pair])[0]
-        assert got.continuation_ids == tuple(pair[1]) and got.context_ids == tuple(pair[0])
-        np.testing.assert_allclose(got.token_logprobs, solo.token_logprobs, atol=1e-5)
-        assert got.is_greedy == solo.is_greedy
-    with pytest.raises(ValueError, match="max_len"):
-        tiny_engine.score_batch([([1] * 100, [2] * 29)])
+    pairs.append((pairs[4][0], pairs[3][1]))  # a context scored before: its cached pages are reused
+    want = [score_direct(tiny_engine, c, x) for c, x in pairs]
+    with LLM(tiny_engine) as llm:
+        got = llm.score(pairs)
+        with pytest.raises(ValueError, match="max_len"):
+            llm.score([([1] * 100, [2] * 29)])
+    for pair, g, w in zip(pairs, got, want):
+        assert g.continuation_ids == tuple(pair[1]) and g.context_ids == tuple(pair[0])
+        np.testing.assert_allclose(g.token_logprobs, w.token_logprobs, atol=1e-5)
+        assert g.is_greedy == w.is_greedy and g.top_ids == w.top_ids
 
 
 def test_choice_is_argmax_of_jaxinfer_scores(tiny_engine):

@@ -47,7 +47,7 @@ def register(sub) -> None:
     c.add_argument("--protocol", choices=("grpc", "openai"), default="grpc",
                    help="grpc: jaxinfer's Generate; openai: streamed /v1/completions of any OpenAI-compatible server")
     c.add_argument("--server", default=None,
-                   help=f"HOST:PORT for grpc (default {DEFAULT_ADDRESS}); base URL for openai (default http://127.0.0.1:8000)")
+                   help=f"HOST:PORT for grpc, base URL for openai (unset: {DEFAULT_ADDRESS} / http://127.0.0.1:8000)")
     c.add_argument("--model", help="openai: the model to ask for (default: the first of /v1/models)")
     c.add_argument("--auth-token-file", help="file holding the bearer token (the API key for openai)")
     c.add_argument("--tls-ca", help="PEM root certificate(s): connect over TLS")

@@ -204,8 +204,9 @@ class FakeEngine:
             results[row] = slot_token(st["last"], st["params"].logprobs, logprob_of(seq))
         return results
 
-    def decode(self, rows, pages):
+    def decode(self, rows, pages, steps=1):
         self._on_thread()
+        self._check(steps == 1, f"decode: {steps} steps per call on a one-step engine")
         rows = list(rows)
         self.calls.append(("decode", tuple(rows), time.monotonic()))
         self._check(set(pages) == set(rows), f"decode: page tables for {sorted(pages)}, rows {rows}")
