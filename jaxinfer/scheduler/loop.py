@@ -152,6 +152,8 @@ class Scheduler:
         self._running: list[Seq] = []  # holding a row, in admission order
         self._inflight: deque[Step] = deque()
         self._thread: threading.Thread | None = None
+        self.died: BaseException | None = None  # what escaped the loop itself, when it did
+        self._death_callbacks: list[Callable[[BaseException], None]] = []
 
     # -- public API (any thread) -----------------------------------------------------------------------
 
@@ -168,7 +170,12 @@ class Scheduler:
 
     @property
     def running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        return self._thread is not None and self._thread.is_alive() and self.died is None
+
+    def on_death(self, callback: Callable[[BaseException], None]) -> None:
+        """Call ``callback(exc)`` (on the dying loop thread) if an exception escapes the loop itself:
+        liveness turns off and the process exits so an orchestrator restarts it."""
+        self._death_callbacks.append(callback)
 
     def validate(self, req: Request) -> None:
         """Raise InvalidRequestError naming the field and its limit."""
@@ -288,6 +295,18 @@ class Scheduler:
     # -- the loop (scheduler thread only) -------------------------------------------------------------
 
     def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as e:
+            self.died = e
+            log.critical("scheduler loop died: %r", e, exc_info=True)
+            for callback in self._death_callbacks:
+                try:
+                    callback(e)
+                except Exception:
+                    log.exception("scheduler death callback failed")
+
+    def _loop(self) -> None:
         try:
             while True:
                 with self._cv:

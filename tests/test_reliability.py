@@ -1,0 +1,117 @@
+"""Liveness vs readiness, a dying scheduler loop, the metrics exporter's address, and deadlines that
+end a request within one engine call: over the hand-computable fake engines (tests/helpers)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import httpx
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from jaxinfer.cli import build_parser
+from jaxinfer.commands.serve import metrics_host, serve_until_signal
+from jaxinfer.metrics import Metrics
+from jaxinfer.scheduler import Request
+from server.app import LIVENESS, SERVICE, ServerOptions, build_server
+from server.openai_api.server import HttpOptions
+from tests.helpers import wait_for
+from tests.helpers.fakes import FakeDetokenizer, FakeEngine, FakeTokenizer
+from tests.helpers.served import MODEL, Served
+
+SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def _status(served: Served, name: str) -> int:
+    health = health_pb2_grpc.HealthStub(served.channel)
+    return health.Check(health_pb2.HealthCheckRequest(service=name), timeout=5).status
+
+
+def _kill_loop(scheduler) -> None:
+    """An exception escaping the loop itself (not one iteration): the wait for work raises."""
+    def boom():
+        raise RuntimeError("injected: scheduler loop broken")
+    scheduler._has_work = boom
+    scheduler._wake()
+
+
+def test_liveness_stays_serving_while_draining_readiness_does_not():
+    s = Served()
+    eng = s.engine
+    try:
+        assert [_status(s, n) for n in ("", SERVICE, LIVENESS)] == [SERVING] * 3
+        eng.gate = threading.Event()  # hold a request in flight so the drain lasts
+        stream = s.server.scheduler.submit(Request((1, 2), 3))
+        wait_for(lambda: eng.active_rows() == 1)
+        drain = threading.Thread(target=s.server.drain, args=(10.0,))
+        drain.start()
+        wait_for(lambda: _status(s, "") == NOT_SERVING)
+        assert _status(s, SERVICE) == NOT_SERVING
+        assert _status(s, LIVENESS) == SERVING  # draining is not dying: do not restart it
+        eng.gate.set()
+        drain.join(15)
+        assert list(stream)[-1].finish_reason == "length"
+    finally:
+        if eng.gate is not None:
+            eng.gate.set()
+        s.close()
+
+
+def test_a_dead_scheduler_loop_turns_every_health_name_not_serving_and_fails_requests():
+    s = Served()
+    try:
+        eng = s.engine
+        eng.gate = threading.Event()
+        stream = s.server.scheduler.submit(Request((1, 2), 3))
+        wait_for(lambda: eng.active_rows() == 1)
+        _kill_loop(s.server.scheduler)
+        eng.gate.set()
+        wait_for(lambda: _status(s, LIVENESS) == NOT_SERVING)
+        assert _status(s, "") == NOT_SERVING and _status(s, SERVICE) == NOT_SERVING
+        assert not s.server.alive and isinstance(s.server.scheduler.died, RuntimeError)
+        assert list(stream)[-1].finish_reason in ("cancelled", "error")  # never a hang
+        assert s.engine.active_rows() == 0
+    finally:
+        s.close()
+
+
+def test_http_health_is_liveness_and_ready_is_readiness_on_the_same_scheduler(http_fakes):
+    server = build_server(
+        http_fakes.Engine(), http_fakes.Tokenizer(), MODEL, ServerOptions(grace_period=5.0), metrics=Metrics(),
+        detokenizer=http_fakes.Detokenizer, http=HttpOptions(port=0),
+    ).start()
+    try:
+        url = server.http.url
+        assert httpx.get(url + "/health").status_code == 200 and httpx.get(url + "/ready").status_code == 200
+        _kill_loop(server.scheduler)
+        wait_for(lambda: not server.alive)
+        assert httpx.get(url + "/health").status_code == 503
+        assert httpx.get(url + "/ready").status_code == 503
+    finally:
+        server.stop()
+
+
+def test_serve_until_signal_exits_non_zero_when_the_scheduler_loop_dies():
+    server = build_server(
+        FakeEngine(), FakeTokenizer(), MODEL, ServerOptions(port=0, grace_period=1.0), metrics=Metrics(),
+        detokenizer=FakeDetokenizer,
+    )
+
+    def kill_soon():
+        wait_for(lambda: server.scheduler.running)
+        _kill_loop(server.scheduler)
+
+    threading.Thread(target=kill_soon, daemon=True).start()
+    t0 = time.monotonic()
+    assert serve_until_signal(server) == 1
+    assert time.monotonic() - t0 < 10
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [([], "127.0.0.1"), (["--host", "0.0.0.0"], "0.0.0.0"), (["--host", "10.1.2.3", "--metrics-host", "::1"], "::1")],
+)
+def test_the_metrics_exporter_binds_where_the_server_binds_unless_told(argv, expected):
+    args = build_parser().parse_args(["serve", "--model", "m", *argv])
+    assert metrics_host(args) == expected
