@@ -115,3 +115,58 @@ def test_serve_until_signal_exits_non_zero_when_the_scheduler_loop_dies():
 def test_the_metrics_exporter_binds_where_the_server_binds_unless_told(argv, expected):
     args = build_parser().parse_args(["serve", "--model", "m", *argv])
     assert metrics_host(args) == expected
+
+
+class SlowFakeEngine(FakeEngine):
+    """Each prefill and score piece takes ``piece_s``: a long prompt or score job keeps one loop
+    iteration busy for many pieces."""
+
+    def __init__(self, piece_s: float, **kw) -> None:
+        super().__init__(**kw)
+        self.piece_s = piece_s
+
+    def prefill(self, *a, **kw):
+        time.sleep(self.piece_s)
+        return super().prefill(*a, **kw)
+
+    def score(self, *a, **kw):
+        time.sleep(self.piece_s)
+        return super().score(*a, **kw)
+
+    def pieces(self, kind: str) -> int:
+        return sum(c[0] == kind for c in self.calls)
+
+
+def test_a_deadline_ends_a_long_prefill_within_one_engine_call():
+    from jaxinfer.scheduler import Scheduler, SchedulerLimits
+
+    eng = SlowFakeEngine(0.1, max_len=128, prefill_chunk=8)
+    # one iteration may prefill the whole 96-token prompt: 12 pieces of 0.1 s
+    sched = Scheduler(eng, FakeTokenizer(), SchedulerLimits(prefill_budget=128), detokenizer=FakeDetokenizer).start()
+    try:
+        t0 = time.monotonic()
+        stream = sched.submit(Request(tuple(range(1, 97)), 4, deadline=t0 + 0.25))
+        events = list(stream)
+        assert events[-1].finish_reason == "deadline"
+        assert eng.pieces("prefill") <= 4  # the deadline waits for at most the piece in flight
+        assert time.monotonic() - t0 < 0.6
+        wait_for(lambda: eng.active_rows() == 0)
+        assert list(sched.submit(Request((1, 2), 2)))[-1].finish_reason == "length"  # still serving
+    finally:
+        sched.close()
+
+
+def test_a_score_job_past_its_deadline_stops_at_its_next_piece():
+    from jaxinfer.scheduler import Scheduler, SchedulerLimits
+
+    eng = SlowFakeEngine(0.1, max_len=128, prefill_chunk=8)
+    sched = Scheduler(eng, FakeTokenizer(), SchedulerLimits(prefill_budget=128), detokenizer=FakeDetokenizer).start()
+    try:
+        with pytest.raises(TimeoutError):
+            sched.score(tuple(range(1, 90)), (90, 91), timeout=0.25)
+        time.sleep(0.3)  # had the job gone on, its 12 pieces would still be running
+        assert eng.pieces("score") <= 4
+        wait_for(lambda: sched.load().queue_requests == 0)
+        assert sched.score((1, 2, 3), (4,)).is_greedy  # and the loop scores the next one
+    finally:
+        sched.close()
