@@ -235,6 +235,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                     resp.timings.queue_seconds = ev.timings.queue_s
                     resp.timings.ttft_seconds = ev.timings.ttft_s or 0.0
                     resp.timings.total_seconds = ev.timings.total_s
+                    if not req.sampling.greedy:
+                        resp.seed = req.sampling.seed
                     call.record("OK")
                 yield resp
         except Exception as e:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 import time
 
+import grpc
 import httpx
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -13,12 +14,15 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from jaxinfer.cli import build_parser
 from jaxinfer.commands.serve import metrics_host, serve_until_signal
 from jaxinfer.metrics import Metrics
-from jaxinfer.scheduler import Request
+from jaxinfer.scheduler import Request, Scheduler, SchedulerLimits
+from server import jaxinfer_pb2 as pb
+from server import jaxinfer_pb2_grpc as pb_grpc
 from server.app import LIVENESS, SERVICE, ServerOptions, build_server
 from server.openai_api.server import HttpOptions
 from tests.helpers import wait_for
 from tests.helpers.fakes import FakeDetokenizer, FakeEngine, FakeTokenizer
 from tests.helpers.served import MODEL, Served
+from tests.test_http import Served as HttpServed
 
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -138,8 +142,6 @@ class SlowFakeEngine(FakeEngine):
 
 
 def test_a_deadline_ends_a_long_prefill_within_one_engine_call():
-    from jaxinfer.scheduler import Scheduler, SchedulerLimits
-
     eng = SlowFakeEngine(0.1, max_len=128, prefill_chunk=8)
     # one iteration may prefill the whole 96-token prompt: 12 pieces of 0.1 s
     sched = Scheduler(eng, FakeTokenizer(), SchedulerLimits(prefill_budget=128), detokenizer=FakeDetokenizer).start()
@@ -157,8 +159,6 @@ def test_a_deadline_ends_a_long_prefill_within_one_engine_call():
 
 
 def test_a_score_job_past_its_deadline_stops_at_its_next_piece():
-    from jaxinfer.scheduler import Scheduler, SchedulerLimits
-
     eng = SlowFakeEngine(0.1, max_len=128, prefill_chunk=8)
     sched = Scheduler(eng, FakeTokenizer(), SchedulerLimits(prefill_budget=128), detokenizer=FakeDetokenizer).start()
     try:
@@ -170,3 +170,53 @@ def test_a_score_job_past_its_deadline_stops_at_its_next_piece():
         assert sched.score((1, 2, 3), (4,)).is_greedy  # and the loop scores the next one
     finally:
         sched.close()
+
+
+# -- the seed of a sampled request: picked on the host, returned, reproducible ----------------------
+
+
+def test_grpc_returns_the_seed_of_an_unseeded_sampled_request_and_it_reproduces_the_output(http_fakes):
+    s = HttpServed(http_fakes)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{s.server.port}") as ch:
+            stub = pb_grpc.InferenceStub(ch)
+
+            def run(**kw):
+                resps = list(stub.Generate(pb.GenerateRequest(prompt="abc", max_tokens=6, ignore_eos=True, **kw), timeout=10))
+                return resps[-1], "".join(r.text for r in resps)
+
+            seeds, texts = set(), set()
+            for _ in range(4):
+                last, text = run(temperature=1.0)
+                assert last.HasField("seed")
+                seeds.add(last.seed)
+                texts.add(text)
+                again, text2 = run(temperature=1.0, seed=last.seed)
+                assert again.seed == last.seed and text2 == text  # the seed reproduces the output
+            assert len(seeds) == 4 and len(texts) > 1  # a fresh seed each: not the same "random" text
+            greedy, _ = run(temperature=0.0)
+            assert not greedy.HasField("seed")
+    finally:
+        s.close()
+
+
+def test_http_choices_carry_their_seed_streamed_or_not(http_fakes):
+    s = HttpServed(http_fakes)
+    try:
+        body = {"model": "fake-97", "prompt": "abc", "max_tokens": 6, "temperature": 1.0, "n": 3, "ignore_eos": True}
+        out = s.post("/v1/completions", body).json()
+        seeds = [c["seed"] for c in out["choices"]]
+        assert len(set(seeds)) == 3
+        for c in out["choices"]:
+            one = s.post("/v1/completions", {**body, "n": 1, "seed": c["seed"]}).json()["choices"][0]
+            assert one["text"] == c["text"] and one["seed"] == c["seed"]
+        given = s.post("/v1/completions", {**body, "seed": 7}).json()
+        assert [c["seed"] for c in given["choices"]] == [7, 8, 9]
+        chat = s.client.chat.completions.create(model="fake-97", messages=[{"role": "user", "content": "hi"}],
+                                                 max_tokens=4, temperature=0.8, stream=True)
+        finals = [c.choices[0] for c in chat if c.choices and c.choices[0].finish_reason]
+        assert len(finals) == 1 and isinstance(finals[0].model_extra.get("seed"), int)
+        greedy = s.post("/v1/completions", {**body, "temperature": 0, "n": 1}).json()["choices"][0]
+        assert "seed" not in greedy
+    finally:
+        s.close()
