@@ -54,6 +54,7 @@ from jaxinfer.version import __version__
 from server import jaxinfer_pb2 as pb
 from server import jaxinfer_pb2_grpc as pb_grpc
 from server.auth import BearerTokenInterceptor
+from server.decoding import UndecodableRequestInterceptor
 from server.openai_api.server import HttpOptions, HttpServer
 from server.requests import RequestBuilder, sampling_params
 
@@ -450,11 +451,12 @@ def build_server(
             options.max_queue_tokens, scheduler.max_len,
         )
     workers = options.max_workers or scheduler.max_seqs + options.max_queue_requests + 16
-    interceptors = []
+    interceptors: list[grpc.ServerInterceptor] = []
     if options.auth_token:
         interceptors.append(
             BearerTokenInterceptor(options.auth_token, on_reject=lambda m: metrics.grpc_call(m.rsplit("/", 1)[-1], "UNAUTHENTICATED"))
         )
+    interceptors.append(UndecodableRequestInterceptor())  # after auth: a caller without the token learns nothing
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="jaxinfer-grpc"),
         interceptors=interceptors,

@@ -121,6 +121,10 @@ class Generation:
 
     def _completion_prompts(self, req: CompletionRequest) -> list[_Prompt]:
         p = req.prompt
+        # an empty text is refused as on gRPC (not served as a lone BOS): it is nearly always a client bug
+        for i, x in enumerate([p] if isinstance(p, str) else p):
+            if isinstance(x, str) and not x:
+                raise InvalidRequestError("prompt", f"{'prompt' if isinstance(p, str) else f'prompt[{i}]'} is empty")
         if isinstance(p, str):
             return [_Prompt(self.builder.encode("prompt", p), p)]
         if all(isinstance(x, str) for x in p):
