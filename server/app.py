@@ -465,7 +465,9 @@ def build_server(
             ("grpc.max_send_message_length", options.max_message_bytes),
             ("grpc.so_reuseport", 0),
         ],
-        maximum_concurrent_rpcs=2 * workers,  # beyond: RESOURCE_EXHAUSTED from grpc itself
+        # beyond: RESOURCE_EXHAUSTED from grpc itself, at once; more than the pool would wait for a
+        # thread in silence
+        maximum_concurrent_rpcs=workers,
     )
     pb_grpc.add_InferenceServicer_to_server(InferenceServicer(scheduler, tokenizer, model, options, metrics), server)
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
