@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 
 import grpc
 import httpx
 import pytest
+import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from jaxinfer.cli import build_parser
@@ -24,6 +26,7 @@ from tests.helpers.fakes import FakeDetokenizer, FakeEngine, FakeTokenizer
 from tests.helpers.served import MODEL, Served
 from tests.test_http import Served as HttpServed
 
+ROOT = Path(__file__).resolve().parents[1]
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
 
 
@@ -220,3 +223,11 @@ def test_http_choices_carry_their_seed_streamed_or_not(http_fakes):
         assert "seed" not in greedy
     finally:
         s.close()
+
+
+def test_the_kubernetes_liveness_probe_asks_the_liveness_service_and_readiness_the_readiness_one():
+    docs = [d for d in yaml.safe_load_all((ROOT / "deploy" / "k8s" / "replicas.yaml").read_text()) if d]
+    (pod,) = [d["spec"]["template"]["spec"] for d in docs if d.get("kind") == "Deployment"]
+    (container,) = [c for c in pod["containers"] if "livenessProbe" in c]
+    assert container["livenessProbe"]["grpc"]["service"] == LIVENESS
+    assert container["readinessProbe"]["grpc"]["service"] == SERVICE
