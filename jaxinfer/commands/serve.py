@@ -3,6 +3,8 @@ OpenAI-compatible HTTP API beside it, on the same scheduler) until SIGTERM.
 
 On SIGTERM / SIGINT: health turns NOT_SERVING, new requests get UNAVAILABLE, requests in
 flight finish within ``--grace-period`` (the rest are cancelled), then the process exits 0.
+Health: ``""`` and ``jaxinfer.v1.Inference`` are readiness, ``liveness`` is liveness; if the
+scheduler loop dies, every name turns NOT_SERVING and the process exits 1 (restart it).
 """
 
 from __future__ import annotations
