@@ -14,7 +14,10 @@ INTERNAL               this request failed while being served; other requests go
 UNAUTHENTICATED        missing or wrong bearer token (when the server has one)
 =====================  ===================================================================
 
-Also served: the standard ``grpc.health.v1.Health`` (NOT_SERVING once draining) and server
+Also served: the standard ``grpc.health.v1.Health``: service names ``""`` and
+``jaxinfer.v1.Inference`` are readiness (NOT_SERVING once draining), ``liveness`` stays SERVING
+while draining and turns NOT_SERVING only when the scheduler loop is dead (restart the process);
+and server
 reflection, and (``http=``) the OpenAI-compatible HTTP API of :mod:`server.openai_api` on the same
 scheduler. :func:`build_server` wires it all; the ``serve`` command and the tests call it.
 """
@@ -51,6 +54,7 @@ from jaxinfer.version import __version__
 from server import jaxinfer_pb2 as pb
 from server import jaxinfer_pb2_grpc as pb_grpc
 from server.auth import BearerTokenInterceptor
+from server.decoding import UndecodableRequestInterceptor
 from server.openai_api.server import HttpOptions, HttpServer
 from server.requests import RequestBuilder, sampling_params
 
@@ -58,6 +62,8 @@ log = logging.getLogger(__name__)
 
 SERVICE = pb.DESCRIPTOR.services_by_name["Inference"].full_name
 MAX_CONTINUATIONS = 64
+READINESS = ("", SERVICE)  # health service names: take traffic or not (NOT_SERVING while draining)
+LIVENESS = "liveness"  # health service name: the process works (NOT_SERVING once the scheduler loop died)
 
 
 @dataclass(frozen=True)
@@ -230,6 +236,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                     resp.timings.queue_seconds = ev.timings.queue_s
                     resp.timings.ttft_seconds = ev.timings.ttft_s or 0.0
                     resp.timings.total_seconds = ev.timings.total_s
+                    if not req.sampling.greedy:
+                        resp.seed = req.sampling.seed
                     call.record("OK")
                 yield resp
         except Exception as e:
@@ -366,25 +374,38 @@ class InferenceServer:
         self.http = http  # the OpenAI-compatible front end on the same scheduler, when served
 
     def start(self) -> InferenceServer:
+        self.scheduler.on_death(self._on_scheduler_death)
         self.scheduler.start()
         self.grpc_server.start()
         if self.http is not None:
             self.http.start()
-        for name in ("", SERVICE):
-            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        if self.scheduler.running:
+            for name in (*READINESS, LIVENESS):
+                self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         return self
+
+    @property
+    def alive(self) -> bool:
+        """The scheduler loop runs (the liveness signal; /health on HTTP reads the same)."""
+        return self.scheduler.running
+
+    def _on_scheduler_death(self, exc: BaseException) -> None:
+        for name in (*READINESS, LIVENESS):
+            self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
 
     def drain(self, grace: float | None = None) -> bool:
         """Health NOT_SERVING, refuse new requests (UNAVAILABLE), let in-flight ones finish within
         ``grace`` seconds (default options.grace_period), then stop. True when nothing was cut."""
         grace = self.options.grace_period if grace is None else grace
         log.info("draining: grace period %.1fs", grace)
-        self.health.enter_graceful_shutdown()
+        for name in READINESS:  # liveness stays SERVING: draining is not dying
+            self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         clean = self.scheduler.drain(grace)  # HTTP: /ready and new requests 503 from here on
         self.grpc_server.stop(grace=2.0).wait(5.0)  # lets the handlers send their last responses
         if self.http is not None:
             self.http.stop()
         self.scheduler.close()
+        self.health.enter_graceful_shutdown()
         log.info("drained (%s)", "clean" if clean else "in-flight requests cancelled after the grace period")
         return clean
 
@@ -430,11 +451,12 @@ def build_server(
             options.max_queue_tokens, scheduler.max_len,
         )
     workers = options.max_workers or scheduler.max_seqs + options.max_queue_requests + 16
-    interceptors = []
+    interceptors: list[grpc.ServerInterceptor] = []
     if options.auth_token:
         interceptors.append(
             BearerTokenInterceptor(options.auth_token, on_reject=lambda m: metrics.grpc_call(m.rsplit("/", 1)[-1], "UNAUTHENTICATED"))
         )
+    interceptors.append(UndecodableRequestInterceptor())  # after auth: a caller without the token learns nothing
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="jaxinfer-grpc"),
         interceptors=interceptors,
@@ -443,11 +465,13 @@ def build_server(
             ("grpc.max_send_message_length", options.max_message_bytes),
             ("grpc.so_reuseport", 0),
         ],
-        maximum_concurrent_rpcs=2 * workers,  # beyond: RESOURCE_EXHAUSTED from grpc itself
+        # beyond: RESOURCE_EXHAUSTED from grpc itself, at once; more than the pool would wait for a
+        # thread in silence
+        maximum_concurrent_rpcs=workers,
     )
     pb_grpc.add_InferenceServicer_to_server(InferenceServicer(scheduler, tokenizer, model, options, metrics), server)
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
-    for name in ("", SERVICE):
+    for name in (*READINESS, LIVENESS):
         health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

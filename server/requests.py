@@ -10,6 +10,8 @@ same message naming the field and its limit.
 
 from __future__ import annotations
 
+import dataclasses
+import secrets
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
@@ -69,7 +71,11 @@ class RequestBuilder:
         truncate: bool = False,
         deadline: float | None = None,
     ) -> Built:
-        """The request to submit; max_tokens None: the server default, capped to the room left."""
+        """The request to submit; max_tokens None: the server default, capped to the room left.
+        A sampled request without a seed gets a fresh one here, so the front end can return the
+        seed used and the client can reproduce the output."""
+        if not sampling.greedy and sampling.seed is None:
+            sampling = dataclasses.replace(sampling, seed=secrets.randbits(63))
         ids = list(prompt_ids)
         max_len = self.scheduler.max_seq_tokens  # the model context, the engine and the KV pool
         if max_tokens is None:

@@ -3,6 +3,8 @@ OpenAI-compatible HTTP API beside it, on the same scheduler) until SIGTERM.
 
 On SIGTERM / SIGINT: health turns NOT_SERVING, new requests get UNAVAILABLE, requests in
 flight finish within ``--grace-period`` (the rest are cancelled), then the process exits 0.
+Health: ``""`` and ``jaxinfer.v1.Inference`` are readiness, ``liveness`` is liveness; if the
+scheduler loop dies, every name turns NOT_SERVING and the process exits 1 (restart it).
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     n.add_argument("--no-http", action="store_true", help="serve gRPC only")
     n.add_argument("--api-key-file", help="file holding the HTTP API key (default: the --auth-token-file token)")
     n.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this HTTP port (/metrics); off if unset")
-    n.add_argument("--metrics-host", default="0.0.0.0", help="address of the metrics exporter")
+    n.add_argument("--metrics-host", help="address of the metrics exporter (default: --host)")
     q = p.add_argument_group("admission")
     q.add_argument("--max-queue-requests", type=int, default=256, help="requests waiting for admission before RESOURCE_EXHAUSTED")
     q.add_argument("--max-queue-tokens", type=int, default=1 << 20, help="prompt tokens waiting before RESOURCE_EXHAUSTED")
@@ -114,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         server = build_server(served, engine.tokenizer, model, options, metrics=metrics, http=http)
         if args.metrics_port is not None:
-            log.info("metrics on http://%s:%d/metrics", args.metrics_host, metrics.serve_http(args.metrics_port, args.metrics_host))
+            log.info("metrics on http://%s:%d/metrics", args.metrics_host, metrics.serve_http(args.metrics_port, metrics_host(args)))
         return serve_until_signal(server)
     finally:
         metrics.close()
@@ -123,9 +125,15 @@ def run(args: argparse.Namespace) -> int:
             distributed.shutdown()
 
 
+def metrics_host(args: argparse.Namespace) -> str:
+    """The metrics exporter binds where the server binds unless told otherwise."""
+    return args.metrics_host or args.host
+
+
 def serve_until_signal(server, grace: float | None = None, signals=(signal.SIGTERM, signal.SIGINT)) -> int:
     """Start ``server`` (an :class:`server.app.InferenceServer`), log "SERVING on host:port", block
-    until one of ``signals``, then drain within ``grace`` seconds. Returns the exit code (0)."""
+    until one of ``signals``, then drain within ``grace`` seconds. Returns the exit code: 0, or 1
+    when the scheduler loop died (health is NOT_SERVING by then; an orchestrator restarts us)."""
     stop = threading.Event()
     received: list[int] = []
 
@@ -140,7 +148,10 @@ def serve_until_signal(server, grace: float | None = None, signals=(signal.SIGTE
         if getattr(server, "http", None) is not None:
             log.info("SERVING the OpenAI-compatible API on %s/v1", server.http.url)
         while not stop.wait(0.5):
-            pass
+            if not server.alive:
+                log.critical("the scheduler loop died (%r): stopping with exit code 1", server.scheduler.died)
+                server.stop()
+                return 1
         log.info("received %s: draining", signal.Signals(received[0]).name)
         clean = server.drain(grace)
         log.info("shut down %s", "cleanly" if clean else "after cancelling requests past the grace period")

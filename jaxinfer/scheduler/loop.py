@@ -53,7 +53,9 @@ dispatched past its own token limit, so the cache is never written beyond max_le
 Failures stay local: an exception while prefilling or updating one request ends that request with
 finish_reason "error" (its pages are freed, not cached); a failing decode step ends the requests in
 that step. The loop itself never dies silently: on an unexpected error it fails what it holds and
-goes on. Cancellation and deadlines free the row and pages within one iteration (one decode call).
+goes on. Cancellation and deadlines free the row and pages within one engine call: they are
+reaped at the top of each iteration, after the score pieces, and between two prefill calls; a score
+job past its deadline stops before its next piece.
 drain() stops admitting, lets queued and running requests finish within a grace period, then
 cancels the rest.
 """
@@ -152,6 +154,8 @@ class Scheduler:
         self._running: list[Seq] = []  # holding a row, in admission order
         self._inflight: deque[Step] = deque()
         self._thread: threading.Thread | None = None
+        self.died: BaseException | None = None  # what escaped the loop itself, when it did
+        self._death_callbacks: list[Callable[[BaseException], None]] = []
 
     # -- public API (any thread) -----------------------------------------------------------------------
 
@@ -168,7 +172,12 @@ class Scheduler:
 
     @property
     def running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        return self._thread is not None and self._thread.is_alive() and self.died is None
+
+    def on_death(self, callback: Callable[[BaseException], None]) -> None:
+        """Call ``callback(exc)`` (on the dying loop thread) if an exception escapes the loop itself:
+        liveness turns off and the process exits so an orchestrator restarts it."""
+        self._death_callbacks.append(callback)
 
     def validate(self, req: Request) -> None:
         """Raise InvalidRequestError naming the field and its limit."""
@@ -210,7 +219,7 @@ class Scheduler:
         pairs = [(tuple(c), tuple(x)) for c, x in pairs]
         for c, x in pairs:
             validate_score(c, x, self.limits, self.capacity)
-        job = ScoreJob(pairs)
+        job = ScoreJob(pairs, deadline=None if timeout is None else time.monotonic() + timeout)
         with self._cv:
             self._admission_check(job.tokens)
             self._scores.append(job)
@@ -289,6 +298,18 @@ class Scheduler:
 
     def _run(self) -> None:
         try:
+            self._loop()
+        except BaseException as e:
+            self.died = e
+            log.critical("scheduler loop died: %r", e, exc_info=True)
+            for callback in self._death_callbacks:
+                try:
+                    callback(e)
+                except Exception:
+                    log.exception("scheduler death callback failed")
+
+    def _loop(self) -> None:
+        try:
             while True:
                 with self._cv:
                     while not self._stopping and not self._has_work():
@@ -310,6 +331,7 @@ class Scheduler:
     def _iteration(self) -> None:
         self._reap()
         scores_done = self._run_scores()
+        self._reap()  # deadlines that passed during the score pieces: within one engine call
         if scores_done:  # a score job short of pages holds admissions until it got them
             self._admit()
         self._prefill()
@@ -318,7 +340,8 @@ class Scheduler:
             self._read(self._inflight.popleft())
         self._publish_load()
 
-    def _reap(self) -> None:
+    def _reap(self) -> int:
+        """End cancelled and past-deadline requests, queued or running; returns how many."""
         now = time.monotonic()
         with self._lock:
             abort_all = self._abort_all
@@ -326,12 +349,14 @@ class Scheduler:
             for s in expired:
                 self._waiting.remove(s)
                 self._waiting_tokens -= s.prompt_len
-        for s in expired + [s for s in self._running if abort_all or self._expiry(s, now)]:
+        ended = expired + [s for s in self._running if abort_all or self._expiry(s, now)]
+        for s in ended:
             if abort_all:
                 self._finish(s, "cancelled", message=abort_all)
             else:
                 reason = self._expiry(s, now)
                 self._finish(s, reason, message=f"request {reason}" if reason == "deadline" else "cancelled by client")
+        return len(ended)
 
     @staticmethod
     def _expiry(seq: Seq, now: float) -> str | None:
@@ -389,6 +414,8 @@ class Scheduler:
                 n = sum(s.to_prefill for s in group)
                 if spent and spent + n > self._budget:
                     return
+                if spent and self._reaped(pending):
+                    continue
                 self._prefill_group(group)
                 spent += n
                 del pending[: len(group)]
@@ -400,6 +427,8 @@ class Scheduler:
                 if spent and spent + n > self._budget:
                     return
                 last = start + n == len(seq.fill)
+                if spent and self._reaped(pending) and seq.state != PREFILLING:
+                    break
                 try:
                     first = self.engine.prefill(
                         seq.row, seq.fill[start : start + n], seq.req.sampling,
@@ -411,6 +440,14 @@ class Scheduler:
                     break
                 spent += n
                 self._prefilled(seq, start + n, first if last else None, last)
+
+    def _reaped(self, pending: list[Seq]) -> bool:
+        """Between two prefill calls of one iteration: end what was cancelled or passed its
+        deadline meanwhile (so a deadline waits at most one engine call), and drop it from
+        ``pending``. True when something ended."""
+        ended = self._reap()
+        pending[:] = [s for s in pending if s.state == PREFILLING]
+        return ended > 0
 
     def _prefilled(self, seq: Seq, upto: int, first: SlotToken | None, last: bool) -> None:
         seq.prefilled = upto

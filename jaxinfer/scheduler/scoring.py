@@ -11,9 +11,11 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
+import time
 from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import Callable
 
 from jaxinfer.blocks import BlockManager, OutOfPagesError
 from jaxinfer.engine.types import EngineProtocol, ScoreOutput
@@ -28,6 +30,11 @@ class ScoreJob:
     future: Future = field(default_factory=Future)
     results: list[ScoreOutput] = field(default_factory=list)
     started: bool = False
+    deadline: float | None = None  # time.monotonic(); past it the job stops at its next piece
+
+    def check_deadline(self) -> None:
+        if self.deadline is not None and time.monotonic() >= self.deadline:
+            raise TimeoutError("score deadline exceeded: stopped before its next piece")
 
     @property
     def tokens(self) -> int:
@@ -44,9 +51,11 @@ class ScoreJob:
 
 
 def score_through_pages(
-    engine: EngineProtocol, blocks: BlockManager, context: tuple[int, ...], continuation: tuple[int, ...], chunk: int
+    engine: EngineProtocol, blocks: BlockManager, context: tuple[int, ...], continuation: tuple[int, ...], chunk: int,
+    before_piece: Callable[[], None] = lambda: None,
 ) -> ScoreOutput:
-    """One pair on the loop thread. OutOfPagesError (nothing changed) when the pool is short."""
+    """One pair on the loop thread. OutOfPagesError (nothing changed) when the pool is short;
+    ``before_piece`` runs before each engine call (it raises to stop, e.g. past the deadline)."""
     full = context + continuation
     tokens, targets = full[:-1], full[1:]
     hit, start = blocks.match(context)  # never the whole context: its last token's logits score
@@ -58,6 +67,7 @@ def score_through_pages(
         top_ids: list[int] = []
         top_lps: list[float] = []
         for off in range(start, len(tokens), chunk):
+            before_piece()
             out = engine.score(
                 tokens[off : off + chunk], targets[off : off + chunk], pages=blocks.table(handle), start=off
             )
@@ -97,11 +107,12 @@ def run_score_jobs(
             while job.results_left and (not spent or spent + job.next_tokens <= budget):
                 spent += job.next_tokens
                 ctx, cont = job.pairs[len(job.results)]
-                job.results.append(score_through_pages(engine, blocks, ctx, cont, chunk))
+                job.results.append(score_through_pages(engine, blocks, ctx, cont, chunk, job.check_deadline))
         except OutOfPagesError:
             return False
         except Exception as e:
-            log.exception("score failed")
+            if not isinstance(e, TimeoutError):
+                log.exception("score failed")
             job.future.set_exception(e)
             with lock:
                 jobs.popleft()

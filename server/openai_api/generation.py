@@ -9,6 +9,10 @@ JSON body, or into server-sent events: completions stream ``text_completion`` ch
 streams a role delta first, then content deltas, then a chunk with the ``finish_reason``; with
 ``stream_options.include_usage`` a last chunk carries the usage; then ``data: [DONE]``.
 
+A sampled choice carries the ``seed`` it was sampled with (the request's ``seed + j``, or one the
+server picked when the request gave none), on its final streamed chunk too, so that choice can be
+reproduced by sending that seed with ``n`` = 1; greedy choices carry none.
+
 ``echo`` with ``logprobs`` (what lm-eval's loglikelihood sends: ``max_tokens`` 0 or 1) scores the
 prompt through the scheduler's score path: the first prompt token has no log-probability (None,
 as in the API), every later one its own and the top-1 alternative's.
@@ -117,6 +121,10 @@ class Generation:
 
     def _completion_prompts(self, req: CompletionRequest) -> list[_Prompt]:
         p = req.prompt
+        # an empty text is refused as on gRPC (not served as a lone BOS): it is nearly always a client bug
+        for i, x in enumerate([p] if isinstance(p, str) else p):
+            if isinstance(x, str) and not x:
+                raise InvalidRequestError("prompt", f"{'prompt' if isinstance(p, str) else f'prompt[{i}]'} is empty")
         if isinstance(p, str):
             return [_Prompt(self.builder.encode("prompt", p), p)]
         if all(isinstance(x, str) for x in p):
@@ -176,8 +184,9 @@ class Generation:
             text = prompt.text if prompt.text is not None else self.tokenizer.decode(prompt.ids)
             return text, self._prompt_logprobs(prompt, scores[i // req.n]) if want_lp else None
 
+        seeds = _seeds(requests) if generate else [{} for _ in range(n)]
         if req.stream:
-            return self._stream_completions(req, rid, created, prompts, streams, head, conn)
+            return self._stream_completions(req, rid, created, prompts, streams, head, conn, seeds)
         choices = [_Choice() for _ in range(n)] if generate else [_Choice(finish_reason="length") for _ in range(n)]
         await _collect(streams, choices, conn)
         out = []
@@ -189,7 +198,7 @@ class Generation:
                     gen.add(self._piece(st.token), st.logprob, self._top_dict(st))
                 lp = _join(lp, gen.out) if lp else gen.out
             out.append({"index": i, "text": text + "".join(c.text), "logprobs": lp, "finish_reason": c.finish_reason,
-                        "stop_reason": None})
+                        "stop_reason": None, **seeds[i]})
         return {"id": rid, "object": "text_completion", "created": created, "model": self.model_name,
                 "choices": out, "usage": self._usage(prompts, choices, req.n)}
 
@@ -198,7 +207,7 @@ class Generation:
         top.setdefault(self._piece(st.token), st.logprob)
         return top
 
-    async def _stream_completions(self, req, rid, created, prompts, streams, head, conn):
+    async def _stream_completions(self, req, rid, created, prompts, streams, head, conn, seeds):
         def chunk(choices: list[dict], usage: dict | None = None) -> str:
             body = {"id": rid, "object": "text_completion", "created": created, "model": self.model_name,
                     "choices": choices}
@@ -228,7 +237,8 @@ class Generation:
                     gen.add(self._piece(st.token), st.logprob, self._top_dict(st))
                 offsets[i] = gen.offset
                 lp = gen.out
-            yield chunk([{"index": i, "text": ev.text, "logprobs": lp, "finish_reason": ev.finish_reason}])
+            last = seeds[i] if ev.finish_reason is not None else {}
+            yield chunk([{"index": i, "text": ev.text, "logprobs": lp, "finish_reason": ev.finish_reason, **last}])
         else:
             if req.stream_options and req.stream_options.include_usage and not conn.gone:
                 yield chunk([], self._usage(prompts, choices, req.n))
@@ -242,15 +252,17 @@ class Generation:
         prompts = [_Prompt(self.builder.encode("messages", text, chat=True), text)]
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         top = req.top_logprobs or 0
-        streams = self._submit(self._requests(req, prompts, rid, max_tokens, req.logprobs, top), conn)
+        requests = self._requests(req, prompts, rid, max_tokens, req.logprobs, top)
+        streams = self._submit(requests, conn)
+        seeds = _seeds(requests)
         created = int(time.time())
         if req.stream:
-            return self._stream_chat(req, rid, created, prompts, streams, top, conn)
+            return self._stream_chat(req, rid, created, prompts, streams, top, conn, seeds)
         choices = [_Choice() for _ in range(req.n)]
         await _collect(streams, choices, conn)
         out = [{"index": i, "message": {"role": "assistant", "content": "".join(c.text)},
                 "logprobs": {"content": [self._chat_lp(st, top) for st in c.tokens]} if req.logprobs else None,
-                "finish_reason": c.finish_reason, "stop_reason": None} for i, c in enumerate(choices)]
+                "finish_reason": c.finish_reason, "stop_reason": None, **seeds[i]} for i, c in enumerate(choices)]
         return {"id": rid, "object": "chat.completion", "created": created, "model": self.model_name,
                 "choices": out, "usage": self._usage(prompts, choices, req.n)}
 
@@ -262,7 +274,7 @@ class Generation:
         return {**entry(st.token, st.logprob),
                 "top_logprobs": [entry(t, lp) for t, lp in list(zip(st.top_ids, st.top_logprobs))[:top]]}
 
-    async def _stream_chat(self, req, rid, created, prompts, streams, top, conn):
+    async def _stream_chat(self, req, rid, created, prompts, streams, top, conn, seeds):
         def chunk(choices: list[dict], usage: dict | None = None) -> str:
             body = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": self.model_name,
                     "choices": choices}
@@ -282,7 +294,7 @@ class Generation:
             if ev.text or ev.token_ids:
                 yield chunk([{"index": i, "delta": {"content": ev.text}, "logprobs": lp, "finish_reason": None}])
             if ev.finish_reason is not None:
-                yield chunk([{"index": i, "delta": {}, "logprobs": None, "finish_reason": ev.finish_reason}])
+                yield chunk([{"index": i, "delta": {}, "logprobs": None, "finish_reason": ev.finish_reason, **seeds[i]}])
         else:
             if req.stream_options and req.stream_options.include_usage and not conn.gone:
                 yield chunk([], self._usage(prompts, choices, req.n))
@@ -312,6 +324,11 @@ class _CompletionLogprobs:
         self.out["top_logprobs"].append(top)
         self.out["text_offset"].append(self.offset)
         self.offset += len(piece)
+
+
+def _seeds(requests: list[Request]) -> list[dict]:
+    """Per choice, ``{"seed": s}`` when it is sampled (the seed it used), else nothing."""
+    return [{} if r.sampling.greedy else {"seed": r.sampling.seed} for r in requests]
 
 
 def _join(a: dict, b: dict) -> dict:
