@@ -10,21 +10,20 @@ import shutil
 import ssl
 import subprocess
 import threading
-import time
 
 import grpc
 import httpx
 import openai
 import pytest
 
-from jaxinfer.metrics import Metrics
 from jaxinfer.scheduler import Request
 from server import jaxinfer_pb2 as pb
 from server import jaxinfer_pb2_grpc as pb_grpc
 from server.app import ModelDescription, ServerOptions, build_server
 from server.openai_api.server import HttpOptions
+from tests.helpers import wait_for
+from tests.helpers.http_served import MODEL, Served
 
-MODEL = "fake-97"
 
 
 def ids(text: str) -> list[int]:
@@ -34,40 +33,6 @@ def ids(text: str) -> list[int]:
 def after(text: str, n: int) -> str:
     """What the fake engine generates greedily after ``text``: the next n characters."""
     return "".join(chr(ord(text[-1]) + 1 + i) for i in range(n))
-
-
-class Served:
-    def __init__(self, fakes, engine=None, tokenizer=None, detokenizer=None, http: dict | None = None, **options):
-        self.engine = engine or fakes.Engine()
-        opts = dict(max_queue_requests=64, max_queue_tokens=4096, default_max_tokens=8, grace_period=5.0)
-        opts.update(options)
-        self.server = build_server(
-            self.engine, tokenizer or fakes.Tokenizer(), ModelDescription(MODEL), ServerOptions(**opts),
-            metrics=Metrics(), detokenizer=detokenizer or fakes.Detokenizer, http=HttpOptions(port=0, **(http or {})),
-        ).start()
-        self.url = self.server.http.url
-        self.client = openai.OpenAI(base_url=self.url + "/v1", api_key=(http or {}).get("api_key") or "none",
-                                    max_retries=0, timeout=30)
-        self.metrics = self.server.metrics
-
-    def post(self, path: str, body, **kw) -> httpx.Response:
-        return httpx.post(self.url + path, json=body, timeout=30, **kw)
-
-    def close(self) -> None:
-        self.client.close()
-        self.server.stop()
-
-    def idle(self) -> None:
-        wait_for(lambda: self.server.scheduler.load().live_requests == 0)
-        assert self.engine.active_rows() == 0
-
-
-def wait_for(cond, timeout=10.0):
-    end = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > end:
-            raise AssertionError("condition not reached")
-        time.sleep(0.002)
 
 
 @pytest.fixture

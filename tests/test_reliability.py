@@ -24,7 +24,7 @@ from server.openai_api.server import HttpOptions
 from tests.helpers import wait_for
 from tests.helpers.fakes import FakeDetokenizer, FakeEngine, FakeTokenizer
 from tests.helpers.served import MODEL, Served
-from tests.test_http import Served as HttpServed
+from tests.helpers.http_served import Served as HttpServed
 
 ROOT = Path(__file__).resolve().parents[1]
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
