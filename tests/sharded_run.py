@@ -21,8 +21,7 @@ assert len(jax.devices()) == 8, jax.devices()
 out = {}
 for cfg in (LLAMA_TINY, GEMMA_TINY):
     for mesh in ("data=1,model=1", "data=2,model=4", "data=1,model=8"):
-        eng = Engine(make_model(cfg), engine_config(cfg), mesh=make_mesh(mesh))
-        eng.compile(progress=False)
+        eng = Engine(make_model(cfg), engine_config(cfg, lazy_compile=True), mesh=make_mesh(mesh))
         prompts = [prompt_of(n, seed=n) for n in (5, 40, 17)]
         res = drive(eng, prompts, [SamplingParams(), SamplingParams(), SamplingParams(temperature=0.9, seed=3)],
                     max_tokens=12)

@@ -144,6 +144,8 @@ class Engine:
         self.widths = _pow2_buckets(math.ceil(MIN_CONTEXT / self.page_size), max_pages)
         self.decode_batches = tuple(sorted({min(b, self.max_seqs) for b in config.decode_batches} | {self.max_seqs}))
         self._place_state()
+        self._abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
+                                      (self.params, self.state, self.pool))
         self._host_len = np.zeros(self.max_seqs, np.int64)  # positions each row holds (by this engine's calls)
         self._sampled = np.zeros(self.max_seqs, np.bool_)  # row samples (temperature > 0)
         self._want_top: dict[int, int] = {}
@@ -296,26 +298,31 @@ class Engine:
         return out
 
     def _example_args(self, key: tuple):
+        """Arguments to lower ``key``'s program with: the weights, state and pool
+        as abstract values (shape, dtype, sharding), so that a background
+        compile never touches the buffers a serving call is donating."""
         R, D = self.max_seqs, self.cfg.hidden_size
+        params, state, pool = self._abstract
+        rep = NamedSharding(self.mesh, PartitionSpec())
         i32 = lambda *s: np.zeros(s, np.int32)  # noqa: E731
         kind = key[0]
         if kind == "prefill":
             _, P, T, W = key
             samp = SlotSampling(**{k: np.stack([v] * P) for k, v in SlotSampling.host_row(SamplingParams(), 0).items()})
-            return (self.params, self.state, self.pool, i32(P, T), i32(P), np.ones(P, np.int32), i32(P, T),
+            return (params, state, pool, i32(P, T), i32(P), np.ones(P, np.int32), i32(P, T),
                     i32(P, W), np.full(P, R, np.int32), samp, np.ones(P, np.bool_))
         if kind == "decode":
             _, B, W = key
-            return self.params, self.state, self.pool, i32(B), np.zeros(B, np.bool_), i32(B, W)
+            return params, state, pool, i32(B), np.zeros(B, np.bool_), i32(B, W)
         if kind == "decode_k":
             _, B, W, _ = key
-            return self.params, self.state, self.pool, i32(B), np.zeros(B, np.bool_), i32(B, W), np.bool_(False)
+            return params, state, pool, i32(B), np.zeros(B, np.bool_), i32(B, W), np.bool_(False)
         if kind == "sample":
             _, B, _ = key
-            hidden = jax.ShapeDtypeStruct((B, D), self.dtype)
-            return self.params, self.state, hidden, i32(B), np.zeros(B, np.bool_), np.bool_(False)
+            hidden = jax.ShapeDtypeStruct((B, D), self.dtype, sharding=rep)
+            return params, state, hidden, i32(B), np.zeros(B, np.bool_), np.bool_(False)
         _, T = key
-        return self.params, jax.ShapeDtypeStruct((T, D), self.dtype), i32(T)
+        return params, jax.ShapeDtypeStruct((T, D), self.dtype, sharding=rep), i32(T)
 
     def _jit_of(self, key: tuple):
         if key[0] in ("sample", "decode_k"):
