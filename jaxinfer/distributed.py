@@ -443,7 +443,8 @@ class LockstepEngine:
         tables = tuple(tuple(int(p) for p in pages[r]) for r in rows)
         with self._lock:
             self._send(Command(Op.DECODE, rows=rows, pages=tables, steps=steps))
-            return self.engine.decode(rows, dict(zip(rows, tables)), steps)
+            tables = dict(zip(rows, tables))  # steps only when > 1: engines without multi-step take two arguments
+            return self.engine.decode(rows, tables, steps) if steps > 1 else self.engine.decode(rows, tables)
 
     def release(self, row: int) -> None:
         with self._lock:
@@ -506,7 +507,8 @@ def follow(engine) -> int:
                     engine.prefill(cmd.row, cmd.tokens, cmd.params, pages=cmd.pages[0], start=cmd.start,
                                    last=cmd.last)
                 elif cmd.op == Op.DECODE:
-                    engine.decode(cmd.rows, dict(zip(cmd.rows, cmd.pages)), cmd.steps)
+                    tables = dict(zip(cmd.rows, cmd.pages))
+                    engine.decode(cmd.rows, tables, cmd.steps) if cmd.steps > 1 else engine.decode(cmd.rows, tables)
                 elif cmd.op == Op.SCORE:
                     engine.score(cmd.tokens, cmd.targets, pages=cmd.pages[0], start=cmd.start)
             except ValueError as e:  # process 0 met the same error in the same call and reported it

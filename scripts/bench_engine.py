@@ -13,6 +13,8 @@ In one run on one machine, with the same weights:
     python scripts/bench_engine.py --ref /tmp/old-engine
     python scripts/bench_engine.py --quick                      # a smoke run
     python scripts/bench_engine.py --page-sizes 16,64,128 --batches 32 --contexts 1024 --prefill 128
+    python scripts/bench_engine.py --preset llama3-8b-shape --dtype bfloat16 --batches 1,64,256 \
+        --contexts 1024 --prefill 2048                          # GPU: random weights
 
 Absolute times on a shared CPU are noisy; ratios measured in the same run hold
 better. Writes JSON (``--json``).
@@ -45,13 +47,53 @@ def timeit(fn, repeat: int) -> float:
     return float(np.median(times))
 
 
+def random_checkpoint(preset: str, dtype: str, mesh):
+    """Random weights of a preset shape, made directly on the devices of ``mesh``."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxinfer.checkpoint import LoadedCheckpoint
+    from jaxinfer.config import PRESETS
+    from jaxinfer.model.weights import nest, weight_specs
+    from jaxinfer.sharding import weight_shardings
+
+    cfg = PRESETS[preset]
+    sh = weight_shardings(cfg, mesh)
+    flat = {}
+    for i, (name, spec) in enumerate(weight_specs(cfg).items()):
+        make = jax.jit(lambda k, shape=spec.shape: (jax.random.normal(k, shape, jnp.float32) * 0.02).astype(dtype),
+                       out_shardings=sh[name])
+        flat[name] = make(jax.random.key(i))
+    return LoadedCheckpoint(config=cfg, params=nest(flat), tokenizer=None, path=Path(preset), dtype=dtype)
+
+
+def measure_bandwidth(seconds: float = 2.0) -> float:
+    """Read bandwidth in bytes/s: the best of a jitted sum over an array far larger than cache."""
+    import jax
+    import jax.numpy as jnp
+
+    n = 512 * 2**20 // 4 if jax.default_backend() == "cpu" else 4 * 2**30 // 4
+    x = jnp.ones((n // 1024, 1024), jnp.float32)
+    best = float("inf")
+    for f in (jax.jit(lambda a: jnp.sum(a)), jax.jit(lambda a: jnp.sum(a, axis=1))):
+        f(x).block_until_ready()
+        t_end = time.perf_counter() + seconds / 2
+        while time.perf_counter() < t_end:
+            t0 = time.perf_counter()
+            f(x).block_until_ready()
+            best = min(best, time.perf_counter() - t0)
+    return x.nbytes / best
+
+
 def build_engine(ckpt, mesh, *, max_seqs: int, max_len: int, page_size: int, buckets, per_row: int):
+    import jax
+
     from jaxinfer.engine.engine import Engine, EngineConfig
     from jaxinfer.engine.pages import KVPool
     from jaxinfer.model.transformer import Transformer
 
     model = Transformer(ckpt.config, params=ckpt.params)
-    bpt = KVPool.bytes_per_token(ckpt.config, "float32")
+    bpt = KVPool.bytes_per_token(ckpt.config, jax.tree.leaves(ckpt.params)[0].dtype)
     pages = max_seqs * math.ceil(per_row / page_size)  # every row's longest sequence in the benchmark
     cfg = EngineConfig(max_seqs=max_seqs, max_len=max_len, page_size=page_size, prefill_buckets=buckets,
                        kv_cache_bytes=pages * page_size * bpt, decode_batches=(1, 8), lazy_compile=True)
@@ -119,6 +161,9 @@ def run_reference(ref: Path, args) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m-instruct", help="checkpoint, GGUF, HF dir or built-in name")
+    p.add_argument("--preset", default=None, help="random weights of a preset shape instead of --model "
+                   "(e.g. llama3-8b-shape)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--mesh", default=None, help="device mesh, e.g. model=8")
     p.add_argument("--prefill", default="128,512", help="prompt lengths to time")
     p.add_argument("--batches", default="1,8,32", help="decode batch sizes")
@@ -146,12 +191,16 @@ def main(argv=None) -> int:
     prefills = [int(x) for x in args.prefill.split(",")]
     batches = [int(x) for x in args.batches.split(",")]
     contexts = [int(x) for x in args.contexts.split(",")]
-    ckpt = load_checkpoint(resolve_model(args.model), mesh=mesh)
+    if args.preset:
+        ckpt = random_checkpoint(args.preset, args.dtype, mesh)
+    else:
+        ckpt = load_checkpoint(resolve_model(args.model, dtype=args.dtype), mesh=mesh)
     page = args.page_size or EngineConfig().page_size
     buckets = (32, 128, 512)
     res: dict = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "backend": jax.default_backend(),
                              "jax": jax.__version__},
-                 "model": ckpt.config.name, "page_size": page, "prefill": [], "decode": [], "page_sizes": []}
+                 "model": ckpt.config.name, "dtype": args.dtype, "page_size": page, "bandwidth_gbs": measure_bandwidth() / 1e9,
+                 "prefill": [], "decode": [], "page_sizes": []}
     max_len = max(1 << max(prefills).bit_length(), 2 * max(contexts))
     eng = build_engine(ckpt, mesh, max_seqs=1, max_len=max_len, page_size=page, buckets=buckets,
                        per_row=max(prefills))
@@ -166,7 +215,13 @@ def main(argv=None) -> int:
     for ctx in contexts:
         for b in batches:
             t = bench_decode(eng, b, ctx, args.steps)
+            from jaxinfer.engine.engine import param_bytes
+
+            kv_read = b * (ctx + 1) * eng.bytes_per_token  # what the step needs; it reads its whole bucket
+            step_bytes = param_bytes(eng) + kv_read
             res["decode"].append({"batch": b, "context": ctx, "step_ms": t * 1e3, "tok_s": b / t,
+                                  "bytes_per_step": step_bytes,
+                                  "mbu": step_bytes / (res["bandwidth_gbs"] * 1e9) / t,
                                   "program": list(eng.last_decode_program)})
             print(f"decode batch {b} ctx {ctx}: {t * 1e3:.1f} ms/step, {b / t:.1f} tok/s", file=sys.stderr)
     del eng

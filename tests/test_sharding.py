@@ -14,10 +14,11 @@ from jaxinfer.sharding import MeshShape, make_mesh, partition_spec
 
 @pytest.fixture(scope="module")
 def sharded_results() -> dict:
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    root = str(Path(__file__).resolve().parents[1])  # this checkout's jaxinfer, whatever is installed
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.run(
         [sys.executable, "-m", "tests.helpers.sharded_run"],
-        capture_output=True, text=True, env=env, timeout=600, cwd=Path(__file__).resolve().parents[1],
+        capture_output=True, text=True, env=env, timeout=1500, cwd=root,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -45,6 +45,7 @@ from jaxinfer.engine import programs
 from jaxinfer.engine.config import CPU_KV_CACHE_BYTES, MAX_LEN_CAP, EngineConfig
 from jaxinfer.engine.pages import POOL_AXES, KVPool
 from jaxinfer.engine.programs import DecodeState
+from jaxinfer.engine.handles import StepResult
 from jaxinfer.engine.sampling import Sampled, SlotSampling
 from jaxinfer.engine.types import EngineStats, SamplingParams, ScoreOutput, SlotToken
 from jaxinfer.model.transformer import Transformer, params_tree
@@ -76,36 +77,6 @@ def _pow2_buckets(lo: int, hi: int) -> tuple[int, ...]:
         out.append(b)
         b *= 2
     return tuple(out) + (hi,)
-
-
-class _Step:
-    """Handle of a dispatched decode call; ``result()`` (one step) and
-    ``results()`` (every step of a multi-step call) block."""
-
-    def __init__(self, out: Sampled, rows: Sequence[int], want_top: dict[int, int], steps: int):
-        self._out, self._rows, self._want_top, self._steps = out, list(rows), want_top, steps
-
-    def result(self) -> dict[int, SlotToken]:
-        if self._steps > 1:
-            raise ValueError(f"a {self._steps}-step decode call: use results()")
-        return self.results()[0]
-
-    def results(self) -> list[dict[int, SlotToken]]:
-        lead = (lambda a: np.asarray(a)) if self._steps > 1 else (lambda a: np.asarray(a)[None])  # noqa: E731
-        token, lp = lead(self._out.token), lead(self._out.logprob)
-        need_top = any(self._want_top.get(r, 0) for r in self._rows)
-        top_ids = lead(self._out.top_ids) if need_top else None
-        top_lp = lead(self._out.top_logprobs) if need_top else None
-        out = []
-        for i in range(token.shape[0]):
-            res = {}
-            for j, r in enumerate(self._rows):
-                n = self._want_top.get(r, 0)
-                res[r] = SlotToken(int(token[i, j]), float(lp[i, j]),
-                                   tuple(int(x) for x in top_ids[i, j, :n]) if n else (),
-                                   tuple(float(x) for x in top_lp[i, j, :n]) if n else ())
-            out.append(res)
-        return out
 
 
 class Engine:
@@ -145,6 +116,8 @@ class Engine:
         self.widths = _pow2_buckets(math.ceil(MIN_CONTEXT / self.page_size), max_pages)
         self.decode_batches = tuple(sorted({min(b, self.max_seqs) for b in config.decode_batches} | {self.max_seqs}))
         self._place_state()
+        self._abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
+                                      (self.params, self.state, self.pool))
         self._host_len = np.zeros(self.max_seqs, np.int64)  # positions each row holds (by this engine's calls)
         self._sampled = np.zeros(self.max_seqs, np.bool_)  # row samples (temperature > 0)
         self._want_top: dict[int, int] = {}
@@ -285,26 +258,31 @@ class Engine:
         return out
 
     def _example_args(self, key: tuple):
+        """Arguments to lower ``key``'s program with: the weights, state and pool
+        as abstract values (shape, dtype, sharding), so that a background
+        compile never touches the buffers a serving call is donating."""
         R, D = self.max_seqs, self.cfg.hidden_size
+        params, state, pool = self._abstract
+        rep = NamedSharding(self.mesh, PartitionSpec())
         i32 = lambda *s: np.zeros(s, np.int32)  # noqa: E731
         kind = key[0]
         if kind == "prefill":
             _, P, T, W = key
             samp = SlotSampling(**{k: np.stack([v] * P) for k, v in SlotSampling.host_row(SamplingParams(), 0).items()})
-            return (self.params, self.state, self.pool, i32(P, T), i32(P), np.ones(P, np.int32), i32(P, T),
+            return (params, state, pool, i32(P, T), i32(P), np.ones(P, np.int32), i32(P, T),
                     i32(P, W), np.full(P, R, np.int32), samp, np.ones(P, np.bool_))
         if kind == "decode":
             _, B, W = key
-            return self.params, self.state, self.pool, i32(B), np.zeros(B, np.bool_), i32(B, W)
+            return params, state, pool, i32(B), np.zeros(B, np.bool_), i32(B, W)
         if kind == "decode_k":
             _, B, W, _ = key
-            return self.params, self.state, self.pool, i32(B), np.zeros(B, np.bool_), i32(B, W), np.bool_(False)
+            return params, state, pool, i32(B), np.zeros(B, np.bool_), i32(B, W), np.bool_(False)
         if kind == "sample":
             _, B, _ = key
-            hidden = jax.ShapeDtypeStruct((B, D), self.dtype)
-            return self.params, self.state, hidden, i32(B), np.zeros(B, np.bool_), np.bool_(False)
+            hidden = jax.ShapeDtypeStruct((B, D), self.dtype, sharding=rep)
+            return params, state, hidden, i32(B), np.zeros(B, np.bool_), np.bool_(False)
         _, T = key
-        return self.params, jax.ShapeDtypeStruct((T, D), self.dtype), i32(T)
+        return params, jax.ShapeDtypeStruct((T, D), self.dtype, sharding=rep), i32(T)
 
     def _jit_of(self, key: tuple):
         if key[0] in ("sample", "decode_k"):
@@ -498,7 +476,7 @@ class Engine:
         if armed != list(range(len(armed))):
             raise ValueError("prefill_many: every piece must end its prompt")
         out = self._sample(last_h, [pieces[i][0] for i in armed], P, greedy, want_top)
-        res = _Step(out, armed, {i: pieces[i][2].logprobs for i in armed}, 1).result()
+        res = StepResult(out, armed, {i: pieces[i][2].logprobs for i in armed}, 1).result()
         return [res[i] for i in armed]
 
     def _score_tokens(self, T: int, W: int) -> int:
@@ -513,7 +491,7 @@ class Engine:
             return T
         raise RuntimeError(f"no compiled score program takes {T} tokens; call Engine.compile() before serving")
 
-    def decode(self, rows: Sequence[int], pages, steps: int = 1) -> _Step:
+    def decode(self, rows: Sequence[int], pages, steps: int = 1) -> StepResult:
         """Dispatch ``steps`` decode steps for ``rows`` (pages[row]: the row's
         page table covering its length + steps positions) and return at once."""
         rows = [int(r) for r in rows]
@@ -550,7 +528,7 @@ class Engine:
             self.state, self.pool, out = exe(self.params, self.state, self.pool, rows_a, active, table,
                                              np.bool_(want_top))
         self._host_len[rows] += steps
-        return _Step(out, rows, dict(self._want_top), steps)
+        return StepResult(out, rows, dict(self._want_top), steps)
 
     def release(self, row: int) -> None:
         self._host_len[row] = 0
