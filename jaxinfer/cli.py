@@ -37,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
+        force=True,  # a library imported above may already have configured the root logger
     )
     if not args.verbose:  # orbax/absl narrate every restore at INFO
         logging.getLogger("absl").setLevel(logging.WARNING)

@@ -89,16 +89,18 @@ def run(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     engine, _ = engine_from_args(args, lazy_compile=False)
-    log.info("loaded %s in %.1fs", args.model, time.perf_counter() - t0)
+    load_s = time.perf_counter() - t0
     if engine.tokenizer is None:
         raise ValueError(f"{args.model} carries no tokenizer")
-    compiled = engine.compile(progress=True)  # logs each program as it compiles
-    programs = {k: v for k, v in compiled.items() if k != "total"}
-    slowest = max(programs, key=programs.get) if programs else "-"
-    log.info(
-        "compiled %d programs in %.1fs (slowest: %s, %.1fs); nothing compiles while serving",
-        len(programs), compiled.get("total", sum(programs.values())), slowest, programs.get(slowest, 0.0),
-    )
+    t1 = time.perf_counter()
+    # One process: the covering programs run any call, so serving starts once they are compiled and
+    # the narrower (faster) ones compile on a background thread. Several processes must run the same
+    # program for each call, so they compile every program first.
+    first = engine.covering_variants() if cluster is None else engine.variants()
+    engine.compile(first, progress=True)
+    rest = len(engine.variants()) - engine.programs_compiled
+    log.info("start-up: load %.1fs, compile %.1fs (%d programs; %d more compile in the background); "
+             "nothing compiles on a request's path", load_s, time.perf_counter() - t1, engine.programs_compiled, rest)
     if cluster is not None and not cluster.is_leader:
         try:
             return distributed.follow(engine)  # serves nothing; returns when process 0 stops the group
@@ -116,7 +118,10 @@ def run(args: argparse.Namespace) -> int:
     try:
         server = build_server(served, engine.tokenizer, model, options, metrics=metrics, http=http)
         if args.metrics_port is not None:
-            log.info("metrics on http://%s:%d/metrics", args.metrics_host, metrics.serve_http(args.metrics_port, metrics_host(args)))
+            host = metrics_host(args)
+            log.info("metrics on http://%s:%d/metrics", host, metrics.serve_http(args.metrics_port, host))
+        if cluster is None and rest:
+            engine.compile_in_background()
         return serve_until_signal(server)
     finally:
         metrics.close()
