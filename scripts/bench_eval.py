@@ -58,7 +58,7 @@ def main() -> int:
     ap.add_argument("--file", help="text to score (default: standard-library docstrings)")
     ap.add_argument("--chars", type=int, default=60000, help="characters of text to score")
     ap.add_argument("--max-len", type=int, default=512)
-    ap.add_argument("--slots", type=int, default=8)
+    ap.add_argument("--max-seqs", type=int, default=8, help="decode rows")
     ap.add_argument("--window", type=int, help="default: --max-len")
     ap.add_argument("--stride", type=int, help="default: window / 2")
     ap.add_argument("--choice-repeat", type=int, default=8, help="copies of tests/data/choice.jsonl to score")
@@ -69,16 +69,19 @@ def main() -> int:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from jaxinfer.commands.score import tokenize_pair
+    from jaxinfer.engine.config import EngineConfig
     from jaxinfer.evaluation.backend import EngineBackend
     from jaxinfer.evaluation.choice import read_items
-    from jaxinfer.evaluation.loading import EngineSettings, open_engine
+    from jaxinfer.loading import build_engine, resolve
+    from jaxinfer.tokenizer import tokenize_pair
     from jaxinfer.evaluation.perplexity import aggregate, evaluate_perplexity, rolling_windows
     from jaxinfer.evaluation.results import format_table
 
     threads = [int(t) for t in args.threads.split(",")]
     text = Path(args.file).read_text(encoding="utf-8")[: args.chars] if args.file else stdlib_text(args.chars)
-    engine, path, _ = open_engine(args.model, EngineSettings(slots=args.slots, max_len=args.max_len))
+    source = resolve(args.model)
+    path = source.path
+    engine = build_engine(source, EngineConfig(max_seqs=args.max_seqs, max_len=args.max_len, lazy_compile=True))
     jx = EngineBackend(engine, model=args.model, checkpoint=path)
     window = args.window or args.max_len
     stride = args.stride or window // 2
@@ -135,10 +138,10 @@ def main() -> int:
         hf_lps, t_hf_c[th] = timed(hf_pairs)
     max_diff = max(abs(a - b) for a, b in zip(jx_lps, hf_lps))
 
-    rows = [("perplexity", f"jaxinfer ({engine.num_slots} slots)", res.tokens, len(wins), t_jx, res.tokens / t_jx, ppl_jx)]
+    rows = [("perplexity", f"jaxinfer ({engine.max_seqs} rows)", res.tokens, len(wins), t_jx, res.tokens / t_jx, ppl_jx)]
     rows += [("perplexity", f"transformers (batch 1, {th} threads)", hf_n, len(wins), t, hf_n / t, ppl_hf)
              for th, t in t_hf.items()]
-    rows += [("choice pairs", f"jaxinfer ({engine.num_slots} slots)", n_all, len(pairs), t_jx_c, n_all / t_jx_c, "-")]
+    rows += [("choice pairs", f"jaxinfer ({engine.max_seqs} rows)", n_all, len(pairs), t_jx_c, n_all / t_jx_c, "-")]
     rows += [("choice pairs", f"transformers (batch 1, {th} threads)", n_all, len(pairs), t, n_all / t, "-")
              for th, t in t_hf_c.items()]
     print(format_table(["workload", "implementation", "tokens", "sequences", "seconds", "tokens/s", "perplexity"], rows))
@@ -148,7 +151,7 @@ def main() -> int:
     if args.output:
         Path(args.output).write_text(json.dumps({
             "model": args.model, "checkpoint": str(path), "window": window, "stride": stride, "chars": len(text),
-            "slots": engine.num_slots, "max_len": engine.max_len,
+            "slots": engine.max_seqs, "max_len": engine.max_len,
             "perplexity": {"tokens": res.tokens, "windows": len(wins), "jaxinfer_s": t_jx, "transformers_s_by_threads": t_hf,
                            "jaxinfer_ppl": ppl_jx, "transformers_ppl": ppl_hf},
             "choice": {"pairs": len(pairs), "tokens": n_all, "jaxinfer_s": t_jx_c, "transformers_s_by_threads": t_hf_c,

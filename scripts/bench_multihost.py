@@ -75,12 +75,14 @@ def timed_loop(engine, args) -> dict:
 
     slots = list(range(args.slots))
     prompt = [5 + (i % 50) for i in range(args.prompt)]
+    per_row = -(-(args.prompt + args.steps + 1) // engine.page_size)  # pages one row's sequence reaches
+    tables = {s: list(range(s * per_row, (s + 1) * per_row)) for s in slots}
     prefill_ms, step_ms, pipelined_ms = [], [], []
 
     def prefill_all(keep: bool) -> None:
         for s in slots:
             t = time.perf_counter()
-            engine.prefill(s, prompt, SamplingParams())
+            engine.prefill(s, prompt, SamplingParams(), pages=tables[s])
             if keep:
                 prefill_ms.append((time.perf_counter() - t) * 1e3)
 
@@ -92,15 +94,15 @@ def timed_loop(engine, args) -> dict:
         prefill_all(keep=r > 0)
         for _ in range(args.steps):
             t = time.perf_counter()
-            engine.decode(slots).result()
+            engine.decode(slots, tables).result()
             if r:
                 step_ms.append((time.perf_counter() - t) * 1e3)
         release_all()
         prefill_all(keep=r > 0)
         t = time.perf_counter()
-        previous = engine.decode(slots)
+        previous = engine.decode(slots, tables)
         for _ in range(args.steps - 1):
-            current = engine.decode(slots)
+            current = engine.decode(slots, tables)
             previous.result()
             previous = current
         previous.result()
@@ -127,7 +129,7 @@ def worker(args) -> None:
     if args.worker != "single":
         distributed.initialize(args.coordinator, 2, args.process_id, heartbeat_timeout_s=30)
     enable_compilation_cache()  # $JAXINFER_XLA_CACHE, set by the driver
-    config = EngineConfig(slots=args.slots, max_len=args.max_len, lazy_compile=True, min_span=args.max_len)
+    config = EngineConfig(max_seqs=args.slots, max_len=args.max_len, kv_cache_bytes=args.kv_cache_bytes, lazy_compile=True)
     engine = build_engine(args.model, config, mesh=args.mesh)
     out: dict = {"devices": jax.device_count(), "processes": jax.process_count(), "mesh": args.mesh}
     if args.worker == "lockstep":
@@ -180,7 +182,8 @@ def main() -> None:
     ap.add_argument("--model", help="converted checkpoint directory (default: a tiny random model)")
     ap.add_argument("--devices", type=int, default=4, help="CPU devices in all (split over the processes)")
     ap.add_argument("--mesh", default="data=1,model=4")
-    ap.add_argument("--slots", type=int, default=4)
+    ap.add_argument("--slots", type=int, default=4, help="decode rows (sequences decoded together)")
+    ap.add_argument("--kv-cache-bytes", type=int, default=64 << 20, help="bytes of the KV pool")
     ap.add_argument("--max-len", type=int, default=128)
     ap.add_argument("--prompt", type=int, default=16, help="prompt tokens per slot")
     ap.add_argument("--steps", type=int, default=40, help="decode steps per round")

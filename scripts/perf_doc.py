@@ -137,6 +137,58 @@ def multihost_section(name: str, d: dict, plot: str | None) -> str:
         format_table(["mode", "step ms p50", "step ms p90", "pipelined step ms", "prefill ms", "tokens/s"], rows)])
 
 
+
+def engine_v2_section(name: str, d: dict, plot: str | None) -> str:
+    """scripts/bench_engine.py --json of the paged engine (with ``--ref``: another commit side by side)."""
+    ref = d.get("reference")
+    out = [f"Model {d['model']} ({d['dtype']}), {_machine(d['machine'])}; pages of {d['page_size']} tokens; read "
+           f"bandwidth {d['bandwidth_gbs']:.1f} GB/s (measured in the run)"
+           + (f"; reference: `{ref['path']}` run side by side." if ref else ".")]
+    if d["prefill"]:
+        rows = [(r["tokens"], _num(r["jaxinfer_s"] * 1e3), _num(r.get("reference_s") and r["reference_s"] * 1e3),
+                 _num(r.get("speedup"), 2)) for r in d["prefill"]]
+        out.append(format_table(["prefill tokens", "ms", "reference ms", "speedup"], rows))
+    if d["decode"]:
+        rows = [(r["batch"], r["context"], _num(r["step_ms"], 2), _num(r["tok_s"]), _num(r.get("mbu", 0) * 100, 0) + "%",
+                 _num(r.get("reference_tok_s")), _num(r.get("speedup"), 2)) for r in d["decode"]]
+        out.append(format_table(["decode batch", "context", "step ms", "tok/s", "MBU", "reference tok/s", "speedup"],
+                                rows))
+    if d.get("page_sizes"):
+        rows = [(r["page_size"], r["batch"], r["context"], _num(r["step_ms"], 1)) for r in d["page_sizes"]]
+        out.append(format_table(["page size", "batch", "context", "step ms"], rows))
+    return "\n\n".join(out)
+
+
+def prefix_section(name: str, d: dict, plot: str | None) -> str:
+    """scripts/bench_prefix.py --json: shared-prefix TTFT with and without the prefix cache; a pool
+    sized for the load and one too small (preemption)."""
+    a = d["args"]
+    sp = d.get("shared_prefix") or {}
+    out = [f"Model {d['model']}, {_machine(d['machine'])}; engine: {d['engine']}."]
+    if sp:
+        rows = [(k, r["requests"], _num(r["ttft_p50_s"], 2), _num(r["ttft_p95_s"], 2), r["cached_prompt_tokens"],
+                 r["prompt_tokens"], _num(r["output_tokens_per_s"], 1)) for k, r in (("without", sp["without"]),
+                                                                                  ("with", sp["with"]))]
+        out.append(f"{a['requests']} requests sharing a {a['prefix']}-token prefix + {a['suffix']} unique tokens, "
+                   f"{a['output']} output tokens each:")
+        out.append(format_table(["prefix cache", "requests", "TTFT p50 s", "TTFT p95 s", "cached prompt tokens",
+                                 "prompt tokens", "output tok/s"], rows))
+        if sp["without"]["ttft_p50_s"]:
+            out.append(f"TTFT p50 with the cache: {sp['with']['ttft_p50_s'] / sp['without']['ttft_p50_s']:.3f} of "
+                       "without (target <= 0.20).")
+    rows = []
+    for key in ("memory", "small_pool"):
+        r = d.get(key)
+        if r:
+            rows.append((key, r["pool_tokens"], r["requests"], r["peak_active_seqs"], r["preemptions"], r["rejected"],
+                         ", ".join(f"{k} {v}" for k, v in r["finished"].items()),
+                         str(r.get("greedy_outputs_equal_big_pool", "-"))))
+    if rows:
+        out.append(f"{a['requests']} requests of ~{a['memory_prompt']} prompt + {a['output']} output tokens:")
+        out.append(format_table(["run", "pool tokens", "requests", "peak concurrent", "preemptions", "rejected",
+                                 "finished", "greedy equal to the big pool"], rows))
+    return "\n\n".join(out)
+
 def _pyplot():
     import matplotlib  # the `plot` extra: only the plots need it
 
@@ -191,8 +243,12 @@ def plot_serve(d: dict, path: Path) -> None:
 # (title, recognises, section, plot or None), tried in order
 KINDS: list[tuple[str, Callable[[dict], bool], Callable[[str, dict, str | None], str],
                   Callable[[dict, Path], None] | None]] = [
-    ("Engine (scripts/bench_engine.py)", lambda d: "decode" in d and "prefill" in d and "machine" in d,
-     engine_section, plot_engine),
+    ("Engine v2, paged KV cache (scripts/bench_engine.py)", lambda d: "page_sizes" in d and "decode" in d,
+     engine_v2_section, None),
+    ("Prefix caching and memory (scripts/bench_prefix.py)", lambda d: "shared_prefix" in d or "small_pool" in d,
+     prefix_section, None),
+    ("Engine v1, the previous engine (scripts/bench_engine.py at 1f6bcd2)",
+     lambda d: "decode" in d and "prefill" in d and "machine" in d, engine_section, plot_engine),
     ("Serving (jaxinfer bench serve)", lambda d: "runs" in d and "settings" in d, serve_section, plot_serve),
     ("Evaluation (scripts/bench_eval.py)", lambda d: "perplexity" in d and "choice" in d, eval_section, None),
     ("Multi-host (scripts/bench_multihost.py)", lambda d: "results" in d and "args" in d, multihost_section, None),

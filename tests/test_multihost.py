@@ -40,7 +40,7 @@ from server import jaxinfer_pb2 as pb
 from server import jaxinfer_pb2_grpc as pb_grpc
 from server.app import ModelDescription, ServerOptions, build_server
 from tests.helpers.fakes import FakeDetokenizer, FakeEngine, FakeTokenizer, expected
-from tests.helpers.drive import drive
+from tests.helpers.drive import drive, score_direct
 
 ROOT = Path(__file__).resolve().parents[1]
 DIED = re.compile(r"JAX distributed service detected fatal errors|another task died|heartbeat", re.I)
@@ -282,16 +282,13 @@ TINY_PROMPTS = [[1, 5 + i, 7, 9 + 2 * i, 11] for i in range(4)]
 @pytest.fixture(scope="module")
 def tiny_reference(tiny_dir):
     """The same checkpoint in this (single) process on one device."""
-    eng = build_engine(tiny_dir, EngineConfig(max_seqs=2, max_len=64, kv_cache_bytes=1 << 22, lazy_compile=True))
+    eng = build_engine(tiny_dir, EngineConfig(max_seqs=len(TINY_PROMPTS), max_len=64, kv_cache_bytes=1 << 22,
+                                              lazy_compile=True))
     greedy = [r["token_ids"] for r in drive(eng, TINY_PROMPTS, max_tokens=12)]
     seeded = drive(eng, TINY_PROMPTS[:1], SamplingParams(temperature=0.8, seed=7), max_tokens=12)[0]["token_ids"]
     tok = eng.tokenizer
     ctx = tok.encode("one model")
-    scores = []
-    for c in (" served", " fox"):
-        seq = ctx + tok.encode(c, add_bos=False)
-        out = eng.score(seq[:-1], seq[1:], pages=list(range(4)))
-        scores.append(sum(out.token_logprobs[len(ctx) - 1 :]))
+    scores = [score_direct(eng, ctx, tok.encode(c, add_bos=False)).logprob for c in (" served", " fox")]
     return {"greedy": greedy, "seeded": seeded, "scores": scores}
 
 
@@ -365,12 +362,12 @@ SMOL_PROMPTS = ["The capital of France is", "def fibonacci(n):\n    "]
 def test_smollm2_two_processes_equal_one(smollm2_dir, group_factory):
     """SmolLM2 on data=2 x model=2: slots split over the two processes, the MLP within each."""
     g = group_factory(smollm2_dir, mesh="data=2,model=2", max_len=128)  # starts while the reference runs
-    eng = build_engine(smollm2_dir, EngineConfig(max_seqs=2, max_len=128, kv_cache_bytes=1 << 24, lazy_compile=True))
+    eng = build_engine(smollm2_dir, EngineConfig(max_seqs=len(SMOL_PROMPTS), max_len=128, kv_cache_bytes=1 << 26,
+                                                 lazy_compile=True))
     tok = eng.tokenizer
     want = [r["token_ids"] for r in drive(eng, [tok.encode(p) for p in SMOL_PROMPTS], max_tokens=16)]
     ctx, cont = tok.encode("The capital of France is"), tok.encode(" Paris.", add_bos=False)
-    seq = ctx + cont
-    want_score = sum(eng.score(seq[:-1], seq[1:], pages=list(range(8))).token_logprobs[len(ctx) - 1 :])
+    want_score = score_direct(eng, ctx, cont).logprob
     del eng
     port = g.wait_serving(900)
     with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:

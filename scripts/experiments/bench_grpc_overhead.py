@@ -26,11 +26,12 @@ import numpy as np
 def in_process_rate(engine, prompt: list[int], n: int) -> float:
     from jaxinfer.engine.types import SamplingParams
 
-    engine.prefill(0, prompt, SamplingParams())
-    engine.decode([0]).result()
+    pages = {0: list(range(-(-(len(prompt) + n + 1) // engine.page_size)))}
+    engine.prefill(0, prompt, SamplingParams(), pages=pages[0])
+    engine.decode([0], pages).result()
     t0 = time.perf_counter()
     for _ in range(n - 1):
-        step = engine.decode([0])
+        step = engine.decode([0], pages)
     step.result()
     rate = (n - 1) / (time.perf_counter() - t0)
     engine.release(0)
@@ -76,7 +77,7 @@ def main(argv=None) -> int:
     from server.app import ModelDescription, ServerOptions, build_server
 
     enable_compilation_cache()
-    engine = build_engine(args.model, EngineConfig(slots=args.slots, max_len=args.max_len))
+    engine = build_engine(args.model, EngineConfig(max_seqs=args.slots, max_len=args.max_len))
     engine.compile(progress=False)
     prompt = engine.tokenizer.encode("The history of the printing press begins")
     results: dict = {"model": engine.name, "slots": args.slots, "tokens_per_stream": args.tokens}
