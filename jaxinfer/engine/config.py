@@ -36,7 +36,7 @@ MAX_LEN_CAP = 8192  # default max_len: the model's context, at most this
 class EngineConfig:
     max_seqs: int = 64
     max_len: int | None = None
-    page_size: int = 64  # measured: see docs/engine.md (16: 1049, 64: 712, 128: 602 ms per batch-32 step at context 1024)
+    page_size: int = 64  # picked by measurement: docs/engine.md
     kv_cache_bytes: int | None = None
     kv_cache_fraction: float = 0.85
     prefill_buckets: tuple[int, ...] = (32, 128, 512)

@@ -84,9 +84,8 @@ class PagedContext:
 
         def put(pool, new):
             # unique_indices: XLA CPU then scatters in place; without it, it rewrote the whole pool on
-            # every call (SmolLM2 batch-1 decode, 720 MiB pool: 190 -> 84 ms per step on the shared
-            # machine; 119 ms with a 32 MiB pool). Only padding writes repeat a slot (the trash page's),
-            # and which of them lands there does not matter.
+            # every call (docs/engine.md). Only padding writes repeat a slot (the trash page's), and
+            # which of them lands there does not matter.
             flat = pool.reshape(L, N * ps, G, Hd).at[:, self.write_at].set(new.astype(pool.dtype),
                                                                            unique_indices=True)
             return flat.reshape(pool.shape)
