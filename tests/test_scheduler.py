@@ -1,14 +1,5 @@
-"""Scheduler against a hand-computable fake engine.
-
-The fake engine keeps a paged pool: it writes every token through the page table it is given
-and computes its next token, ``(last token + 1) % V``, and its logprob, a checksum of the whole
-sequence, from what it reads back through that table. So every stream's expected output is
-known in advance and a wrong page table (a bad prefix-cache hit, a page freed too early)
-changes it; it checks the engine contract (chunks in order, positions before ``start`` written,
-no decode of a released or unprefilled row, no write into a page another row holds, nothing
-past max_len, every call from one thread). The fake tokenizer maps ids 0..94 to the printable
-ASCII characters.
-"""
+"""Scheduler against the hand-computable paged fake engine of ``tests.helpers.fakes`` (its docstring
+says what it checks), plus the real tiny engine for prefix hits and preemption."""
 
 from __future__ import annotations
 
