@@ -54,6 +54,17 @@ def add_model_args(p: argparse.ArgumentParser, *, max_seqs: int = 64) -> None:
                    help="dtype the engine holds the weights in and computes with (unset: the checkpoint's, "
                    "except bfloat16 on a CPU, held as float32: XLA CPU has no bfloat16 matmul and would convert "
                    "every weight on every step, ~10x slower)")
+    g.add_argument("--quantize", choices=["int8", "int4"], default=None,
+                   help="quantize the weights at load: int8 (per output channel) or int4 (per group of 32 "
+                   "inputs); a checkpoint converted with --quantize is already quantized (unset: the "
+                   "checkpoint's own format)")
+    g.add_argument("--int8-matmul", choices=["auto", "w8a8", "weight-only"], default="auto",
+                   help="how quantized weights compute: w8a8 (activations quantized per token, int32 "
+                   "accumulation), weight-only (dequantized inside the float matmul); auto: w8a8 on a CPU, "
+                   "weight-only on a GPU/TPU (docs/quantization.md)")
+    g.add_argument("--kv-cache-dtype", choices=["float32", "bfloat16", "int8"], default=None,
+                   help="dtype of the KV cache pool; int8 keeps a scale per token and head and holds 2x "
+                   "(bfloat16) or 4x (float32) the tokens in the same bytes (unset: the weights' dtype)")
     g.add_argument("--mesh", default=None, metavar="data=D,model=M",
                    help="device mesh, e.g. data=2,model=4 (unset: one device)")
     g.add_argument("--max-seqs", type=int, default=max_seqs, metavar="N",
@@ -95,6 +106,9 @@ def engine_config(args: argparse.Namespace, *, lazy_compile: bool) -> EngineConf
         "prefill_rows": getattr(args, "prefill_rows", None),
         "decode_steps": getattr(args, "decode_steps", None),
         "weight_dtype": getattr(args, "weight_dtype", None),
+        "cache_dtype": getattr(args, "kv_cache_dtype", None),
+        "quantize": getattr(args, "quantize", None),
+        "int8_matmul": getattr(args, "int8_matmul", None),
     }
     return EngineConfig(lazy_compile=lazy_compile, **{k: v for k, v in given.items() if v is not None})
 

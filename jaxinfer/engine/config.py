@@ -13,7 +13,10 @@ Fields (the CLI maps its flags onto these names):
     prefill_rows      whole short prompts prefilled together by prefill_many (1: off)
     decode_steps      k > 1 also compiles k decode steps per dispatch
     weight_dtype      dtype the weights are held (and computed) in; None: see below
-    cache_dtype       dtype of the KV pool; None: the weights'
+    cache_dtype       dtype of the KV pool (float32, bfloat16, int8); None: the weights'
+    quantize          None, "int8" or "int4": weights quantized at load (docs/quantization.md)
+    int8_matmul       "auto", "w8a8" or "weight-only": how quantized matmuls compute; auto picks per
+                      backend (jaxinfer.model.quant.choose_matmul)
     score_chunk       positions per logits chunk when scoring
     lazy_compile      compile a missing program on first use (scripts); a server compiles ahead of time
 
@@ -45,6 +48,8 @@ class EngineConfig:
     decode_steps: int = 1
     weight_dtype: str | None = None
     cache_dtype: str | None = None
+    quantize: str | None = None
+    int8_matmul: str = "auto"
     score_chunk: int = 128
     lazy_compile: bool = False
 
@@ -61,6 +66,10 @@ class EngineConfig:
             ("decode_steps", self.decode_steps >= 1, ">= 1"),
             ("score_chunk", self.score_chunk >= 1, ">= 1"),
             ("max_len", self.max_len is None or self.max_len >= 2, ">= 2"),
+            ("cache_dtype", self.cache_dtype in (None, "float32", "bfloat16", "int8"),
+             "one of float32, bfloat16, int8"),
+            ("quantize", self.quantize in (None, "int8", "int4"), "one of int8, int4"),
+            ("int8_matmul", self.int8_matmul in ("auto", "w8a8", "weight-only"), "one of auto, w8a8, weight-only"),
         ]
         for name, ok, limit in checks:
             if not ok:
