@@ -124,11 +124,11 @@ def named_sharding(axes, shape, mesh: Mesh, *, strict: bool = False, what: str =
     return NamedSharding(mesh, partition_spec(tuple(axes), tuple(shape), mesh, strict=strict, what=what))
 
 
-def weight_shardings(cfg, mesh: Mesh, *, strict: bool = False) -> dict[str, NamedSharding]:
-    """Flat ``{weight name: NamedSharding}`` from the weight declarations."""
+def weight_shardings(cfg, mesh: Mesh, *, strict: bool = False, quant: str | None = None) -> dict[str, NamedSharding]:
+    """Flat ``{weight name: NamedSharding}`` from the weight declarations (``quant``: of that format)."""
     return {
         name: named_sharding(spec.axes, spec.shape, mesh, strict=strict, what=name)
-        for name, spec in weight_specs(cfg).items()
+        for name, spec in weight_specs(cfg, quant).items()
     }
 
 

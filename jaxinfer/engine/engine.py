@@ -23,6 +23,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -47,8 +48,9 @@ from jaxinfer.engine.programs import DecodeState
 from jaxinfer.engine.handles import StepResult
 from jaxinfer.engine.sampling import Sampled, SlotSampling
 from jaxinfer.engine.types import EngineStats, SamplingParams, ScoreOutput, SlotToken
+from jaxinfer.model import quant as qt
 from jaxinfer.model.transformer import Transformer, params_tree
-from jaxinfer.model.weights import flatten, nest
+from jaxinfer.model.weights import flatten, nest, weight_specs
 
 log = logging.getLogger(__name__)
 MIN_CONTEXT = 128  # the narrowest page-table bucket covers this many positions
@@ -132,24 +134,40 @@ class Engine:
 
     def _place_weights(self, model: Transformer):
         """Every weight placed by the sharding rules, in the dtype the engine
-        computes in. bfloat16 weights on CPU are held as float32 unless
-        ``weight_dtype`` says otherwise: XLA CPU has no bfloat16 matmul, so it
-        would convert every weight on every call (about 10x slower, measured on
-        the previous engine); float32 holds every bfloat16 value exactly."""
+        computes in, quantized first when ``config.quantize`` asks. bfloat16
+        weights on CPU are held as float32 unless ``weight_dtype`` says
+        otherwise: XLA CPU has no bfloat16 matmul, so it would convert every
+        weight on every call (about 10x slower, measured on the previous
+        engine); float32 holds every bfloat16 value exactly."""
         flat = flatten(params_tree(model))
-        ckpt_dtype = jnp.dtype(flat["embed"].dtype)
+        ckpt_dtype = jnp.dtype(flat["final_norm"].dtype)
         if self.config.weight_dtype is not None:
             dtype = jnp.dtype(self.config.weight_dtype)
         elif ckpt_dtype == jnp.bfloat16 and self.platform == "cpu":
             dtype = jnp.dtype(jnp.float32)
         else:
             dtype = ckpt_dtype
-        shardings = shd.weight_shardings(self.cfg, self.mesh)
+        fmt = model.quant or self.config.quantize
+        if model.quant and self.config.quantize and model.quant != self.config.quantize:
+            raise ValueError(f"EngineConfig.quantize={self.config.quantize!r}: the checkpoint is already "
+                             f"{model.quant}; convert the float checkpoint instead")
+        specs = weight_specs(self.cfg, fmt)
+        shardings = shd.weight_shardings(self.cfg, self.mesh, quant=fmt)
         placed = {}
         for name, a in flat.items():
-            cast = jax.jit(lambda x: x.astype(dtype), out_shardings=shardings[name])
-            placed[name] = cast(a) if a.dtype != dtype or getattr(a, "sharding", None) != shardings[name] else a
-        graphdef, params = nnx.split(Transformer(self.cfg, params=nest(placed)))
+            if model.quant is None and fmt is not None and specs[name].contract:
+                quantize = jax.jit(functools.partial(qt.quantize, spec=weight_specs(self.cfg)[name], quant=fmt),
+                                   out_shardings=(shardings[name], shardings[f"{name}_scale"]))
+                placed[name], placed[f"{name}_scale"] = quantize(a)
+                continue
+            want = jnp.dtype(specs[name].dtype or dtype)
+            cast = jax.jit(lambda x, want=want: x.astype(want), out_shardings=shardings[name])
+            placed[name] = cast(a) if a.dtype != want or getattr(a, "sharding", None) != shardings[name] else a
+        self.quant = fmt
+        self.matmul = qt.choose_matmul(self.platform, self.config.int8_matmul) if fmt else None
+        model = Transformer(self.cfg, params=nest(placed), matmul=self.matmul or "weight-only",
+                            int8_rows=qt.min_rows(self.platform))
+        graphdef, params = nnx.split(model)
         return graphdef, params, ckpt_dtype, dtype
 
     def _pool_budget(self) -> int:
@@ -574,6 +592,8 @@ class Engine:
             f"= {s.num_pages * s.page_size} tokens, {s.pool_bytes / 2**20:.1f} MiB ({s.bytes_per_token} B/token, "
             f"{self.cache_dtype}), max_len {s.max_len}, weights {self.dtype}"
             + (f" (checkpoint {self.checkpoint_dtype})" if self.checkpoint_dtype != self.dtype else "")
+            + (f", {self.quant} projections ({self.matmul} matmuls)" if self.quant else "")
+            + f", {param_bytes(self) / 2**20:.1f} MiB of weights"
             + f", {s.programs} programs compiled in {s.compiled.get('total', 0.0):.1f}s, mesh {shd.describe(self.mesh)}"
         )
 

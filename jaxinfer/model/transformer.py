@@ -26,6 +26,7 @@ from flax import nnx
 from jax import lax
 
 from jaxinfer.config import ModelConfig, RopeScaling
+from jaxinfer.model import quant as qt
 from jaxinfer.model.weights import flatten, nest, weight_specs
 
 F32 = jnp.float32
@@ -117,17 +118,25 @@ class Transformer(nnx.Module):
     """Decoder-only transformer; every weight comes from ``weight_specs(cfg)``.
 
     Build with random weights (``rngs``) or from a loaded nested weight dict
-    (``params``, as ``jaxinfer.checkpoint`` returns it).
+    (``params``, as ``jaxinfer.checkpoint`` returns it). Quantized params (the
+    projections beside ``NAME_scale`` arrays, :mod:`jaxinfer.model.quant`) are
+    recognised by their shapes; ``matmul`` and ``int8_rows`` say how their
+    int8 matmuls compute (:func:`jaxinfer.model.quant.choose_matmul`).
     """
 
     def __init__(self, cfg: ModelConfig, *, params: dict | None = None, rngs: nnx.Rngs | None = None,
-                 dtype=jnp.float32):
+                 dtype=jnp.float32, matmul: str = "weight-only", int8_rows: int = 1):
         if params is None and rngs is None:
             raise ValueError("Transformer needs params or rngs")
         self.cfg = cfg
         self.layers = Layers()
-        specs = weight_specs(cfg)
         flat = flatten(params) if params is not None else None
+        self.quant = quant_format(cfg, flat) if flat is not None else None
+        self.matmul, self.int8_rows = matmul, int8_rows
+        specs = weight_specs(cfg, self.quant)
+        # contracted axes of each quantized weight as the forward sees it (a layer's slice)
+        self.contract = {name.rpartition("/")[2]: tuple(a - name.startswith("layers/") for a in spec.contract)
+                         for name, spec in specs.items() if spec.contract}
         if flat is not None:
             missing, extra = sorted(set(specs) - set(flat)), sorted(set(flat) - set(specs))
             if missing or extra:
@@ -137,6 +146,8 @@ class Transformer(nnx.Module):
                 value = flat[name]
                 if tuple(value.shape) != spec.shape:
                     raise ValueError(f"weight {name}: shape {tuple(value.shape)}, expected {spec.shape}")
+                if spec.dtype is not None and jnp.dtype(value.dtype) != jnp.dtype(spec.dtype):
+                    raise ValueError(f"weight {name}: dtype {value.dtype}, expected {spec.dtype}")
             else:
                 noise = jax.random.normal(rngs.params(), spec.shape, F32)
                 base = (0.0 if cfg.norm_offset else 1.0) if spec.init == "norm" else 0.0
@@ -144,17 +155,28 @@ class Transformer(nnx.Module):
             owner, _, leaf = name.rpartition("/")
             setattr(self.layers if owner == "layers" else self, leaf, nnx.Param(value, logical_axes=spec.axes))
 
+    def mm(self, eq: str, x: jax.Array, p: dict, name: str, out=None) -> jax.Array:
+        """``einsum(eq, x, p[name])``, through :func:`~jaxinfer.model.quant.qdot` when quantized."""
+        if self.quant is None:
+            return jnp.einsum(eq, x, p[name], preferred_element_type=out)
+        return qt.qdot(x, p[name], p[f"{name}_scale"], self.contract[name], self.quant, matmul=self.matmul,
+                       rows=self.int8_rows, out=out)
+
     def embed_tokens(self, tokens: jax.Array) -> jax.Array:
-        x = jnp.take(self.embed[...], tokens, axis=0)
+        if self.quant is None:
+            x = jnp.take(self.embed[...], tokens, axis=0)
+        else:
+            x = qt.gather_rows(self.embed[...], self.embed_scale[...], tokens, self.quant, self.final_norm[...].dtype)
         if self.cfg.embed_scale:
             x = x * jnp.asarray(math.sqrt(self.cfg.hidden_size), dtype=x.dtype)
         return x
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """float32 logits from final hidden states [..., D]."""
-        if self.cfg.tie_embeddings:
-            return jnp.einsum("...d,vd->...v", hidden, self.embed[...], preferred_element_type=F32)
-        return jnp.einsum("...d,dv->...v", hidden, self.lm_head[...], preferred_element_type=F32)
+        name = "embed" if self.cfg.tie_embeddings else "lm_head"
+        eq = "...d,vd->...v" if self.cfg.tie_embeddings else "...d,dv->...v"
+        weights = {n: getattr(self, n)[...] for n in (name, f"{name}_scale") if hasattr(self, n)}
+        return self.mm(eq, hidden, weights, name, out=F32)
 
     def block(self, x, p: dict, positions, rope, local, context: KVContext | None, layer):
         """One decoder layer on x [B, T, D]; returns the new x and this layer's
@@ -162,9 +184,9 @@ class Transformer(nnx.Module):
         cfg = self.cfg
         eps, off = cfg.rms_norm_eps, cfg.norm_offset
         h = rms_norm(x, p["attn_norm"], eps, off)
-        q = jnp.einsum("btd,dhk->bthk", h, p["wq"])
-        k = jnp.einsum("btd,dgk->btgk", h, p["wk"])
-        v = jnp.einsum("btd,dgk->btgk", h, p["wv"])
+        q = self.mm("btd,dhk->bthk", h, p, "wq")
+        k = self.mm("btd,dgk->btgk", h, p, "wk")
+        v = self.mm("btd,dgk->btgk", h, p, "wv")
         if cfg.attention_bias:
             q, k, v = q + p["bq"], k + p["bk"], v + p["bv"]
         if cfg.qk_norm:
@@ -181,16 +203,16 @@ class Transformer(nnx.Module):
             key_ok = jnp.concatenate([old_ok, key_ok], axis=1)
         mask = visible(positions, key_pos, cfg.sliding_window, local) & key_ok[:, None, :]
         out = attention(q, keys, values, mask, cfg.attn_scale).astype(x.dtype)
-        out = jnp.einsum("bthk,hkd->btd", out, p["wo"])
+        out = self.mm("bthk,hkd->btd", out, p, "wo")
         if cfg.post_norms:
             out = rms_norm(out, p["post_attn_norm"], eps, off)
         x = x + out
 
         h = rms_norm(x, p["mlp_norm"], eps, off)
-        gate = jnp.einsum("btd,df->btf", h, p["w_gate"])
-        up = jnp.einsum("btd,df->btf", h, p["w_up"])
+        gate = self.mm("btd,df->btf", h, p, "w_gate")
+        up = self.mm("btd,df->btf", h, p, "w_up")
         act = jax.nn.silu(gate) if cfg.activation == "silu" else jax.nn.gelu(gate, approximate=True)
-        out = jnp.einsum("btf,fd->btd", act * up, p["w_down"])
+        out = self.mm("btf,fd->btd", act * up, p, "w_down")
         if cfg.post_norms:
             out = rms_norm(out, p["post_mlp_norm"], eps, off)
         return x + out, (k, v)
@@ -219,10 +241,17 @@ class Transformer(nnx.Module):
         return x, (context.write(ks, vs) if context is not None else None)
 
 
+def quant_format(cfg: ModelConfig, flat: dict) -> str | None:
+    """None, "int8" or "int4": the format of a flat weight dict, told by its shapes."""
+    if "layers/wq_scale" not in flat:
+        return None
+    return "int8" if flat["layers/wq"].shape[1] == cfg.hidden_size else "int4"
+
+
 def params_tree(model: Transformer) -> dict:
     """The model's weights as a plain nested dict (checkpoint layout)."""
     flat = {}
-    for name in weight_specs(model.cfg):
+    for name in weight_specs(model.cfg, model.quant):
         owner, _, leaf = name.rpartition("/")
         flat[name] = getattr(model.layers if owner == "layers" else model, leaf)[...]
     return nest(flat)

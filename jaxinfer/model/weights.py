@@ -19,6 +19,16 @@ Projection layouts (all "input dims first"):
 
 Norm weights are stored exactly as the reference implementation holds them
 (Gemma's without the +1; ``ModelConfig.norm_offset`` adds it at run time).
+
+Quantized weights (``weight_specs(cfg, quant="int8" | "int4")``) are declared
+here too, so sharding, checkpoint save/restore and the converters treat them
+like every other weight. Each projection names its contracted (input) axes
+(``contract``); the quantized array keeps the float weight's layout and a
+``NAME_scale`` array of the same rank holds one float32 scale per output
+channel (int8: the contracted axes have size 1) or per group of
+:data:`INT4_GROUP` inputs along the last contracted axis (int4). int4 values
+are held two to a byte along that axis (``pack_int4`` in
+:mod:`jaxinfer.model.quant`), so that axis is halved in the stored shape.
 """
 
 from __future__ import annotations
@@ -31,6 +41,8 @@ import numpy as np
 from jaxinfer.config import ModelConfig
 
 Init = Literal["normal", "zeros", "norm"]
+QUANT_FORMATS = ("int8", "int4")
+INT4_GROUP = 32  # inputs per int4 scale
 
 
 @dataclass(frozen=True)
@@ -38,13 +50,48 @@ class WeightSpec:
     shape: tuple[int, ...]
     axes: tuple[str | None, ...]  # logical axis names, one per dim
     init: Init = "normal"
+    contract: tuple[int, ...] = ()  # axes a matmul contracts (projections only: the quantizable weights)
+    dtype: str | None = None  # fixed storage dtype (quantized values, scales); None: the model's dtype
 
     def __post_init__(self) -> None:
         if len(self.shape) != len(self.axes):
             raise ValueError(f"shape {self.shape} and axes {self.axes} differ in rank")
 
 
-def weight_specs(cfg: ModelConfig) -> dict[str, WeightSpec]:
+def weight_specs(cfg: ModelConfig, quant: str | None = None) -> dict[str, WeightSpec]:
+    """Every weight of ``cfg``'s model; with ``quant``, the projections stored in
+    that format beside their scales."""
+    specs = _float_specs(cfg)
+    if quant is None:
+        return specs
+    if quant not in QUANT_FORMATS:
+        raise ValueError(f"quant={quant!r}: expected one of {QUANT_FORMATS}")
+    out: dict[str, WeightSpec] = {}
+    for name, spec in specs.items():
+        if not spec.contract:
+            out[name] = spec
+            continue
+        out[name], out[f"{name}_scale"] = quantized_spec(name, spec, quant)
+    return out
+
+
+def quantized_spec(name: str, spec: WeightSpec, quant: str) -> tuple[WeightSpec, WeightSpec]:
+    """(stored values, scales) of projection ``name`` in format ``quant``."""
+    last = spec.contract[-1]
+    shape, scale_shape, scale_axes = list(spec.shape), list(spec.shape), list(spec.axes)
+    if quant == "int8":  # one scale per output channel
+        for axis in spec.contract:
+            scale_shape[axis], scale_axes[axis] = 1, None
+    else:  # one scale per INT4_GROUP consecutive inputs along the last contracted axis
+        if spec.shape[last] % INT4_GROUP:
+            raise ValueError(f"{name}: int4 needs axis {last} ({spec.shape[last]}) to be a multiple of {INT4_GROUP}")
+        shape[last] //= 2
+        scale_shape[last] = spec.shape[last] // INT4_GROUP
+    values = WeightSpec(tuple(shape), spec.axes, spec.init, spec.contract, "int8")
+    return values, WeightSpec(tuple(scale_shape), tuple(scale_axes), "norm", (), "float32")
+
+
+def _float_specs(cfg: ModelConfig) -> dict[str, WeightSpec]:
     L, D, H, K, Hd, F, V = (
         cfg.num_layers,
         cfg.hidden_size,
@@ -55,16 +102,16 @@ def weight_specs(cfg: ModelConfig) -> dict[str, WeightSpec]:
         cfg.vocab_size,
     )
     s: dict[str, WeightSpec] = {
-        "embed": WeightSpec((V, D), ("vocab", "embed")),
+        "embed": WeightSpec((V, D), ("vocab", "embed"), contract=(1,)),
         "layers/attn_norm": WeightSpec((L, D), ("layers", "norm"), "norm"),
-        "layers/wq": WeightSpec((L, D, H, Hd), ("layers", "embed", "heads", "head_dim")),
-        "layers/wk": WeightSpec((L, D, K, Hd), ("layers", "embed", "kv_heads", "head_dim")),
-        "layers/wv": WeightSpec((L, D, K, Hd), ("layers", "embed", "kv_heads", "head_dim")),
-        "layers/wo": WeightSpec((L, H, Hd, D), ("layers", "heads", "head_dim", "embed")),
+        "layers/wq": WeightSpec((L, D, H, Hd), ("layers", "embed", "heads", "head_dim"), contract=(1,)),
+        "layers/wk": WeightSpec((L, D, K, Hd), ("layers", "embed", "kv_heads", "head_dim"), contract=(1,)),
+        "layers/wv": WeightSpec((L, D, K, Hd), ("layers", "embed", "kv_heads", "head_dim"), contract=(1,)),
+        "layers/wo": WeightSpec((L, H, Hd, D), ("layers", "heads", "head_dim", "embed"), contract=(1, 2)),
         "layers/mlp_norm": WeightSpec((L, D), ("layers", "norm"), "norm"),
-        "layers/w_gate": WeightSpec((L, D, F), ("layers", "embed", "mlp")),
-        "layers/w_up": WeightSpec((L, D, F), ("layers", "embed", "mlp")),
-        "layers/w_down": WeightSpec((L, F, D), ("layers", "mlp", "embed")),
+        "layers/w_gate": WeightSpec((L, D, F), ("layers", "embed", "mlp"), contract=(1,)),
+        "layers/w_up": WeightSpec((L, D, F), ("layers", "embed", "mlp"), contract=(1,)),
+        "layers/w_down": WeightSpec((L, F, D), ("layers", "mlp", "embed"), contract=(1,)),
         "final_norm": WeightSpec((D,), ("norm",), "norm"),
     }
     if cfg.attention_bias:
@@ -78,7 +125,7 @@ def weight_specs(cfg: ModelConfig) -> dict[str, WeightSpec]:
         s["layers/post_attn_norm"] = WeightSpec((L, D), ("layers", "norm"), "norm")
         s["layers/post_mlp_norm"] = WeightSpec((L, D), ("layers", "norm"), "norm")
     if not cfg.tie_embeddings:
-        s["lm_head"] = WeightSpec((D, V), ("embed", "vocab"))
+        s["lm_head"] = WeightSpec((D, V), ("embed", "vocab"), contract=(0,))
     return s
 
 
@@ -86,7 +133,7 @@ def random_weights(cfg: ModelConfig, seed: int = 0, dtype=np.float32, scale: flo
     """Random weights as a flat ``{name: array}`` dict (numpy, host memory)."""
     rng = np.random.default_rng(seed)
     out: dict[str, np.ndarray] = {}
-    for name, spec in weight_specs(cfg).items():
+    for name, spec in _float_specs(cfg).items():
         if spec.init == "normal":
             a = rng.standard_normal(spec.shape, dtype=np.float32) * scale
         elif spec.init == "zeros":

@@ -1,0 +1,165 @@
+"""Quantized weights: how they are made, held and multiplied.
+
+Formats (declared in :func:`jaxinfer.model.weights.weight_specs`):
+
+- ``int8``: symmetric, one float32 scale per output channel (the absolute
+  maximum over the contracted axes / 127).
+- ``int4``: symmetric, one float32 scale per :data:`INT4_GROUP` consecutive
+  inputs, values in [-8, 7] held two to a byte along the last contracted axis.
+  It is a storage format: it is unpacked and dequantized to the activations'
+  dtype right before the matmul.
+
+Two ways to multiply by an int8 weight (:data:`MATMULS`):
+
+- ``w8a8``: the activations are quantized per token (their own absmax / 127),
+  the matmul runs int8 x int8 -> int32, and both scales apply to the int32
+  sums. The backend's integer matmul does the work.
+- ``weight-only``: the int8 values convert to the activations' dtype inside the
+  matmul and the per-channel scale applies to its output (exact: the scale is
+  constant along the contracted axes). The bytes read per weight are a quarter
+  of float32's, the arithmetic is the float one.
+
+:func:`choose_matmul` is the one rule that picks between them, per backend;
+``docs/quantization.md`` has the measurements behind it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jaxinfer.model.weights import INT4_GROUP, QUANT_FORMATS, WeightSpec
+
+F32 = jnp.float32
+MATMULS = ("w8a8", "weight-only")
+
+# XLA CPU's int8 matmul has no fast path for one to a few rows (matrix-vector):
+# padding the rows up to this many is faster than the unpadded integer matmul.
+CPU_MIN_INT8_ROWS = 8
+
+
+def choose_matmul(platform: str, requested: str = "auto") -> str:
+    """How int8 weights multiply on ``platform`` ("cpu", "gpu", "tpu").
+
+    CPU: w8a8 at every batch size (the integer matmul is the faster one; rows
+    are padded up to :data:`CPU_MIN_INT8_ROWS`). GPU and TPU: weight-only,
+    where decode is bound by the bytes of weights read and the dequantize
+    fuses into the float matmul; not measured here (no accelerator), so it is
+    the conservative choice."""
+    if requested != "auto":
+        if requested not in MATMULS:
+            raise ValueError(f"int8_matmul={requested!r}: expected auto or one of {MATMULS}")
+        return requested
+    return "w8a8" if platform == "cpu" else "weight-only"
+
+
+def min_rows(platform: str) -> int:
+    return CPU_MIN_INT8_ROWS if platform == "cpu" else 1
+
+
+# --- making quantized weights ----------------------------------------------
+
+
+def quantize(w: jax.Array, spec: WeightSpec, quant: str) -> tuple[jax.Array, jax.Array]:
+    """(values, scales) of float weight ``w`` (declared by ``spec``) in format ``quant``."""
+    if quant not in QUANT_FORMATS:
+        raise ValueError(f"quant={quant!r}: expected one of {QUANT_FORMATS}")
+    w = w.astype(F32)
+    if quant == "int8":
+        scale = jnp.max(jnp.abs(w), axis=spec.contract, keepdims=True) / 127.0
+        scale = jnp.where(scale == 0, 1.0, scale)
+        return jnp.clip(jnp.round(w / scale), -127, 127).astype(jnp.int8), scale
+    last = spec.contract[-1]
+    grouped = _split(w, last, INT4_GROUP)
+    scale = jnp.max(jnp.abs(grouped), axis=last + 1, keepdims=True) / 7.0
+    scale = jnp.where(scale == 0, 1.0, scale)
+    q = jnp.clip(jnp.round(grouped / scale), -8, 7).astype(jnp.int8)
+    return pack_int4(q.reshape(w.shape), last), jnp.squeeze(scale, last + 1)
+
+
+def _split(x: jax.Array, axis: int, size: int) -> jax.Array:
+    """Axis ``axis`` of length n -> two axes (n / size, size)."""
+    return x.reshape(x.shape[:axis] + (x.shape[axis] // size, size) + x.shape[axis + 1:])
+
+
+def pack_int4(q: jax.Array, axis: int) -> jax.Array:
+    """int8 values in [-8, 7] -> two a byte along ``axis`` (even index in the low nibble)."""
+    pairs = _split(q, axis, 2)
+    lo, hi = (lax.index_in_dim(pairs, i, axis + 1, keepdims=False) for i in (0, 1))
+    return ((hi << 4) | (lo & 0xF)).astype(jnp.int8)
+
+
+def unpack_int4(packed: jax.Array, axis: int) -> jax.Array:
+    """Inverse of :func:`pack_int4`: int8 values in [-8, 7], ``axis`` doubled."""
+    lo = (packed << 4) >> 4  # arithmetic shifts sign-extend the nibbles
+    hi = packed >> 4
+    both = jnp.stack([lo, hi], axis=axis + 1)
+    return both.reshape(packed.shape[:axis] + (packed.shape[axis] * 2,) + packed.shape[axis + 1:])
+
+
+def dequantize(values: jax.Array, scale: jax.Array, contract: tuple[int, ...], quant: str, dtype=F32) -> jax.Array:
+    """The float weight that ``values`` and ``scale`` in format ``quant`` stand for."""
+    if quant == "int8":
+        return (values.astype(F32) * scale).astype(dtype)
+    last = contract[-1]
+    q = unpack_int4(values, last)
+    w = _split(q, last, INT4_GROUP).astype(F32) * jnp.expand_dims(scale, last + 1)
+    return w.reshape(q.shape).astype(dtype)
+
+
+# --- multiplying by them -----------------------------------------------------
+
+
+def qdot(x: jax.Array, values: jax.Array, scale: jax.Array, contract: tuple[int, ...], quant: str, *,
+         matmul: str, rows: int = 1, out=None) -> jax.Array:
+    """``x`` times a quantized weight, contracting x's last ``len(contract)``
+    axes with the weight's ``contract`` axes (which come all first or all
+    last in the weight). The output is x's leading axes followed by the
+    weight's other axes, in ``out`` (default x's dtype). ``rows``: w8a8 pads the rows of x up to
+    this many (see :data:`CPU_MIN_INT8_ROWS`)."""
+    n = len(contract)
+    first = contract[0] == 0
+    k = math.prod(x.shape[-n:])
+    out_dims = values.shape[n:] if first else values.shape[:-n]
+    lead = x.shape[:-n]
+    x2 = x.reshape(-1, k)
+    if quant == "int4":  # a storage format, computed in float
+        w = dequantize(values, scale, contract, quant, x.dtype)
+        w2 = w.reshape(k, -1) if first else w.reshape(-1, k)
+        y = _dot(x2, w2, first, out or x.dtype)
+        return y.reshape(lead + out_dims)
+    q2 = values.reshape(k, -1) if first else values.reshape(-1, k)
+    s = scale.reshape(-1)
+    if matmul == "weight-only":
+        y = _dot(x2, q2.astype(x.dtype), first, F32) * s
+        return y.astype(out or x.dtype).reshape(lead + out_dims)
+    m = x2.shape[0]
+    if m < rows:
+        x2 = jnp.pad(x2, ((0, rows - m), (0, 0)))
+    xq, xs = quantize_rows(x2)
+    acc = _dot(xq, q2, first, jnp.int32)
+    y = (acc.astype(F32) * xs * s)[:m]
+    return y.astype(out or x.dtype).reshape(lead + out_dims)
+
+
+def quantize_rows(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """x [M, K] -> int8 values and float32 scales [M, 1], symmetric per row."""
+    x = x.astype(F32)
+    scale = jnp.max(jnp.abs(x), axis=1, keepdims=True) / 127.0
+    scale = jnp.where(scale == 0, 1.0, scale)
+    return jnp.clip(jnp.round(x / scale), -127, 127).astype(jnp.int8), scale
+
+
+def _dot(x2: jax.Array, w2: jax.Array, first: bool, out) -> jax.Array:
+    """[M, K] x ([K, N] if first else [N, K]) -> [M, N] accumulated in ``out``."""
+    dims = (((1,), (0,) if first else (1,)), ((), ()))
+    return lax.dot_general(x2, w2, dims, preferred_element_type=out)
+
+
+def gather_rows(values: jax.Array, scale: jax.Array, ids: jax.Array, quant: str, dtype) -> jax.Array:
+    """Rows ``ids`` of a quantized [V, D] table (the embedding), dequantized: [*ids.shape, D]."""
+    rows, scales = jnp.take(values, ids, axis=0), jnp.take(scale, ids, axis=0)
+    return dequantize(rows, scales, (ids.ndim,), quant, dtype)
