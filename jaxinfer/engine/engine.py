@@ -156,9 +156,10 @@ class Engine:
         placed = {}
         for name, a in flat.items():
             if model.quant is None and fmt is not None and specs[name].contract:
-                quantize = jax.jit(functools.partial(qt.quantize, spec=weight_specs(self.cfg)[name], quant=fmt),
-                                   out_shardings=(shardings[name], shardings[f"{name}_scale"]))
-                placed[name], placed[f"{name}_scale"] = quantize(a)
+                stored = [n for n in specs if n == name or n.startswith(f"{name}_")]
+                quantize = jax.jit(functools.partial(qt.quantize_weight, name, spec=weight_specs(self.cfg)[name],
+                                                     quant=fmt), out_shardings={n: shardings[n] for n in stored})
+                placed.update(quantize(a))
                 continue
             want = jnp.dtype(specs[name].dtype or dtype)
             cast = jax.jit(lambda x, want=want: x.astype(want), out_shardings=shardings[name])

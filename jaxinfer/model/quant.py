@@ -4,10 +4,13 @@ Formats (declared in :func:`jaxinfer.model.weights.weight_specs`):
 
 - ``int8``: symmetric, one float32 scale per output channel (the absolute
   maximum over the contracted axes / 127).
-- ``int4``: symmetric, one float32 scale per :data:`INT4_GROUP` consecutive
-  inputs, values in [-8, 7] held two to a byte along the last contracted axis.
-  It is a storage format: it is unpacked and dequantized to the activations'
-  dtype right before the matmul.
+- ``int4``: asymmetric, a float32 scale and minimum per :data:`INT4_GROUP`
+  consecutive inputs (value = q * scale + min, q in 0..15: the affine grid of
+  GGUF's Q4_1 and Q4_K blocks, which it reproduces exactly when the groups
+  align), held two to a byte along the last contracted axis. It is a storage
+  format: it is unpacked and dequantized to the activations' dtype right
+  before the matmul. Some tensors stay int8 under it
+  (:data:`~jaxinfer.model.weights.INT8_UNDER_INT4`).
 
 Two ways to multiply by an int8 weight (:data:`MATMULS`):
 
@@ -31,7 +34,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxinfer.model.weights import INT4_GROUP, QUANT_FORMATS, WeightSpec
+from jaxinfer.model.weights import INT4_GROUP, QUANT_FORMATS, WeightSpec, tensor_format
 
 F32 = jnp.float32
 MATMULS = ("w8a8", "weight-only")
@@ -63,21 +66,48 @@ def min_rows(platform: str) -> int:
 # --- making quantized weights ----------------------------------------------
 
 
-def quantize(w: jax.Array, spec: WeightSpec, quant: str) -> tuple[jax.Array, jax.Array]:
-    """(values, scales) of float weight ``w`` (declared by ``spec``) in format ``quant``."""
-    if quant not in QUANT_FORMATS:
-        raise ValueError(f"quant={quant!r}: expected one of {QUANT_FORMATS}")
+def quantize(w: jax.Array, spec: WeightSpec, fmt: str) -> tuple[jax.Array, ...]:
+    """The stored arrays of float weight ``w`` (declared by ``spec``) in tensor format
+    ``fmt``: (values, scales) for int8, (values, scales, minimums) for int4."""
+    if fmt not in QUANT_FORMATS:
+        raise ValueError(f"quant={fmt!r}: expected one of {QUANT_FORMATS}")
     w = w.astype(F32)
-    if quant == "int8":
-        scale = jnp.max(jnp.abs(w), axis=spec.contract, keepdims=True) / 127.0
-        scale = jnp.where(scale == 0, 1.0, scale)
+    if fmt == "int8":
+        scale = _best_scale(w, jnp.max(jnp.abs(w), axis=spec.contract, keepdims=True) / 127.0, spec.contract, 127)
         return jnp.clip(jnp.round(w / scale), -127, 127).astype(jnp.int8), scale
     last = spec.contract[-1]
     grouped = _split(w, last, INT4_GROUP)
-    scale = jnp.max(jnp.abs(grouped), axis=last + 1, keepdims=True) / 7.0
-    scale = jnp.where(scale == 0, 1.0, scale)
-    q = jnp.clip(jnp.round(grouped / scale), -8, 7).astype(jnp.int8)
-    return pack_int4(q.reshape(w.shape), last), jnp.squeeze(scale, last + 1)
+    lo = jnp.min(grouped, axis=last + 1, keepdims=True)
+    hi = jnp.max(grouped, axis=last + 1, keepdims=True)
+    scale = jnp.where(hi > lo, (hi - lo) / 15.0, 1.0)
+    q = jnp.clip(jnp.round((grouped - lo) / scale), 0, 15).astype(jnp.uint8)
+    return pack_int4(q.reshape(w.shape), last), jnp.squeeze(scale, last + 1), jnp.squeeze(lo, last + 1)
+
+
+def quantize_weight(name: str, w: jax.Array, spec: WeightSpec, quant: str) -> dict[str, jax.Array]:
+    """``{stored name: array}`` of weight ``name`` under model format ``quant``."""
+    arrays = quantize(w, spec, tensor_format(name, quant))
+    return dict(zip((name, f"{name}_scale", f"{name}_min"), arrays))
+
+
+CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)
+
+
+def _best_scale(w: jax.Array, absmax_scale: jax.Array, axes, top: int) -> jax.Array:
+    """Per channel, the scale among ``absmax_scale * r`` (r in :data:`CLIP_RATIOS`) whose
+    rounding error (squared, summed over ``axes``) is least: clipping a few large weights
+    buys a finer step for all the others."""
+    absmax_scale = jnp.where(absmax_scale == 0, 1.0, absmax_scale)
+    best, best_err = absmax_scale, None
+    for r in CLIP_RATIOS:
+        s = absmax_scale * r
+        err = jnp.sum(jnp.square(jnp.clip(jnp.round(w / s), -top, top) * s - w), axis=axes, keepdims=True)
+        if best_err is None:
+            best_err = err
+            continue
+        better = err < best_err
+        best, best_err = jnp.where(better, s, best), jnp.where(better, err, best_err)
+    return best
 
 
 def _split(x: jax.Array, axis: int, size: int) -> jax.Array:
@@ -86,35 +116,34 @@ def _split(x: jax.Array, axis: int, size: int) -> jax.Array:
 
 
 def pack_int4(q: jax.Array, axis: int) -> jax.Array:
-    """int8 values in [-8, 7] -> two a byte along ``axis`` (even index in the low nibble)."""
-    pairs = _split(q, axis, 2)
+    """uint8 values in 0..15 -> two a byte along ``axis`` (even index in the low nibble)."""
+    pairs = _split(q.astype(jnp.uint8), axis, 2)
     lo, hi = (lax.index_in_dim(pairs, i, axis + 1, keepdims=False) for i in (0, 1))
-    return ((hi << 4) | (lo & 0xF)).astype(jnp.int8)
+    return (hi << 4) | lo
 
 
 def unpack_int4(packed: jax.Array, axis: int) -> jax.Array:
-    """Inverse of :func:`pack_int4`: int8 values in [-8, 7], ``axis`` doubled."""
-    lo = (packed << 4) >> 4  # arithmetic shifts sign-extend the nibbles
-    hi = packed >> 4
-    both = jnp.stack([lo, hi], axis=axis + 1)
+    """Inverse of :func:`pack_int4`: uint8 values in 0..15, ``axis`` doubled."""
+    both = jnp.stack([packed & 0xF, packed >> 4], axis=axis + 1)
     return both.reshape(packed.shape[:axis] + (packed.shape[axis] * 2,) + packed.shape[axis + 1:])
 
 
-def dequantize(values: jax.Array, scale: jax.Array, contract: tuple[int, ...], quant: str, dtype=F32) -> jax.Array:
-    """The float weight that ``values`` and ``scale`` in format ``quant`` stand for."""
-    if quant == "int8":
+def dequantize(values: jax.Array, scale: jax.Array, contract: tuple[int, ...], fmt: str, dtype=F32,
+               minimum: jax.Array | None = None) -> jax.Array:
+    """The float weight that the arrays of tensor format ``fmt`` stand for."""
+    if fmt == "int8":
         return (values.astype(F32) * scale).astype(dtype)
     last = contract[-1]
     q = unpack_int4(values, last)
-    w = _split(q, last, INT4_GROUP).astype(F32) * jnp.expand_dims(scale, last + 1)
+    w = _split(q, last, INT4_GROUP).astype(F32) * jnp.expand_dims(scale, last + 1) + jnp.expand_dims(minimum, last + 1)
     return w.reshape(q.shape).astype(dtype)
 
 
 # --- multiplying by them -----------------------------------------------------
 
 
-def qdot(x: jax.Array, values: jax.Array, scale: jax.Array, contract: tuple[int, ...], quant: str, *,
-         matmul: str, rows: int = 1, out=None) -> jax.Array:
+def qdot(x: jax.Array, values: jax.Array, scale: jax.Array, contract: tuple[int, ...], fmt: str, *,
+         matmul: str, rows: int = 1, out=None, minimum: jax.Array | None = None) -> jax.Array:
     """``x`` times a quantized weight, contracting x's last ``len(contract)``
     axes with the weight's ``contract`` axes (which come all first or all
     last in the weight). The output is x's leading axes followed by the
@@ -126,8 +155,8 @@ def qdot(x: jax.Array, values: jax.Array, scale: jax.Array, contract: tuple[int,
     out_dims = values.shape[n:] if first else values.shape[:-n]
     lead = x.shape[:-n]
     x2 = x.reshape(-1, k)
-    if quant == "int4":  # a storage format, computed in float
-        w = dequantize(values, scale, contract, quant, x.dtype)
+    if fmt == "int4":  # a storage format, computed in float
+        w = dequantize(values, scale, contract, fmt, x.dtype, minimum)
         w2 = w.reshape(k, -1) if first else w.reshape(-1, k)
         y = _dot(x2, w2, first, out or x.dtype)
         return y.reshape(lead + out_dims)
@@ -159,7 +188,9 @@ def _dot(x2: jax.Array, w2: jax.Array, first: bool, out) -> jax.Array:
     return lax.dot_general(x2, w2, dims, preferred_element_type=out)
 
 
-def gather_rows(values: jax.Array, scale: jax.Array, ids: jax.Array, quant: str, dtype) -> jax.Array:
+def gather_rows(values: jax.Array, scale: jax.Array, ids: jax.Array, fmt: str, dtype,
+                minimum: jax.Array | None = None) -> jax.Array:
     """Rows ``ids`` of a quantized [V, D] table (the embedding), dequantized: [*ids.shape, D]."""
     rows, scales = jnp.take(values, ids, axis=0), jnp.take(scale, ids, axis=0)
-    return dequantize(rows, scales, (ids.ndim,), quant, dtype)
+    mins = jnp.take(minimum, ids, axis=0) if minimum is not None else None
+    return dequantize(rows, scales, (ids.ndim,), fmt, dtype, mins)

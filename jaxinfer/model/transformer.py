@@ -27,7 +27,7 @@ from jax import lax
 
 from jaxinfer.config import ModelConfig, RopeScaling
 from jaxinfer.model import quant as qt
-from jaxinfer.model.weights import flatten, nest, weight_specs
+from jaxinfer.model.weights import flatten, nest, tensor_format, weight_specs
 
 F32 = jnp.float32
 NEG = -1e30
@@ -134,9 +134,11 @@ class Transformer(nnx.Module):
         self.quant = quant_format(cfg, flat) if flat is not None else None
         self.matmul, self.int8_rows = matmul, int8_rows
         specs = weight_specs(cfg, self.quant)
-        # contracted axes of each quantized weight as the forward sees it (a layer's slice)
+        # contracted axes and storage format of each projection as the forward sees it (a layer's slice)
         self.contract = {name.rpartition("/")[2]: tuple(a - name.startswith("layers/") for a in spec.contract)
                          for name, spec in specs.items() if spec.contract}
+        self.formats = {name.rpartition("/")[2]: tensor_format(name, self.quant)
+                        for name, spec in specs.items() if spec.contract}
         if flat is not None:
             missing, extra = sorted(set(specs) - set(flat)), sorted(set(flat) - set(specs))
             if missing or extra:
@@ -159,14 +161,15 @@ class Transformer(nnx.Module):
         """``einsum(eq, x, p[name])``, through :func:`~jaxinfer.model.quant.qdot` when quantized."""
         if self.quant is None:
             return jnp.einsum(eq, x, p[name], preferred_element_type=out)
-        return qt.qdot(x, p[name], p[f"{name}_scale"], self.contract[name], self.quant, matmul=self.matmul,
-                       rows=self.int8_rows, out=out)
+        return qt.qdot(x, p[name], p[f"{name}_scale"], self.contract[name], self.formats[name], matmul=self.matmul,
+                       rows=self.int8_rows, out=out, minimum=p.get(f"{name}_min"))
 
     def embed_tokens(self, tokens: jax.Array) -> jax.Array:
         if self.quant is None:
             x = jnp.take(self.embed[...], tokens, axis=0)
         else:
-            x = qt.gather_rows(self.embed[...], self.embed_scale[...], tokens, self.quant, self.final_norm[...].dtype)
+            x = qt.gather_rows(self.embed[...], self.embed_scale[...], tokens, self.formats["embed"],
+                               self.final_norm[...].dtype, self.embed_min[...] if hasattr(self, "embed_min") else None)
         if self.cfg.embed_scale:
             x = x * jnp.asarray(math.sqrt(self.cfg.hidden_size), dtype=x.dtype)
         return x
@@ -175,7 +178,7 @@ class Transformer(nnx.Module):
         """float32 logits from final hidden states [..., D]."""
         name = "embed" if self.cfg.tie_embeddings else "lm_head"
         eq = "...d,vd->...v" if self.cfg.tie_embeddings else "...d,dv->...v"
-        weights = {n: getattr(self, n)[...] for n in (name, f"{name}_scale") if hasattr(self, n)}
+        weights = {n: getattr(self, n)[...] for n in (name, f"{name}_scale", f"{name}_min") if hasattr(self, n)}
         return self.mm(eq, hidden, weights, name, out=F32)
 
     def block(self, x, p: dict, positions, rope, local, context: KVContext | None, layer):
@@ -245,7 +248,7 @@ def quant_format(cfg: ModelConfig, flat: dict) -> str | None:
     """None, "int8" or "int4": the format of a flat weight dict, told by its shapes."""
     if "layers/wq_scale" not in flat:
         return None
-    return "int8" if flat["layers/wq"].shape[1] == cfg.hidden_size else "int4"
+    return "int4" if "layers/wq_min" in flat else "int8"
 
 
 def params_tree(model: Transformer) -> dict:

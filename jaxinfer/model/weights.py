@@ -24,11 +24,13 @@ Quantized weights (``weight_specs(cfg, quant="int8" | "int4")``) are declared
 here too, so sharding, checkpoint save/restore and the converters treat them
 like every other weight. Each projection names its contracted (input) axes
 (``contract``); the quantized array keeps the float weight's layout and a
-``NAME_scale`` array of the same rank holds one float32 scale per output
-channel (int8: the contracted axes have size 1) or per group of
-:data:`INT4_GROUP` inputs along the last contracted axis (int4). int4 values
-are held two to a byte along that axis (``pack_int4`` in
-:mod:`jaxinfer.model.quant`), so that axis is halved in the stored shape.
+``NAME_scale`` array of the same rank holds float32 scales: int8 has one per
+output channel (the contracted axes have size 1); int4 has one per group of
+:data:`INT4_GROUP` inputs along the last contracted axis, with a ``NAME_min``
+array beside it (asymmetric: value = q * scale + min, q in 0..15), and holds
+its values two to a byte along that axis, which is halved in the stored shape.
+Under ``int4`` the tensors in :data:`INT8_UNDER_INT4` stay int8
+(:func:`tensor_format`).
 """
 
 from __future__ import annotations
@@ -43,6 +45,17 @@ from jaxinfer.config import ModelConfig
 Init = Literal["normal", "zeros", "norm"]
 QUANT_FORMATS = ("int8", "int4")
 INT4_GROUP = 32  # inputs per int4 scale
+# The embedding (read by every token, and the logits when tied), the output head, and the
+# value and down projections stay int8 under int4, as llama.cpp's Q4_K_M mixes keep them at
+# more bits: measured, these are where 4 bits cost the most perplexity (docs/quantization.md).
+INT8_UNDER_INT4 = frozenset({"embed", "lm_head", "layers/wv", "layers/w_down"})
+
+
+def tensor_format(name: str, quant: str | None) -> str | None:
+    """The format weight ``name`` is stored in under model format ``quant``."""
+    if quant == "int4" and name in INT8_UNDER_INT4:
+        return "int8"
+    return quant
 
 
 @dataclass(frozen=True)
@@ -71,24 +84,28 @@ def weight_specs(cfg: ModelConfig, quant: str | None = None) -> dict[str, Weight
         if not spec.contract:
             out[name] = spec
             continue
-        out[name], out[f"{name}_scale"] = quantized_spec(name, spec, quant)
+        out.update(quantized_spec(name, spec, quant))
     return out
 
 
-def quantized_spec(name: str, spec: WeightSpec, quant: str) -> tuple[WeightSpec, WeightSpec]:
-    """(stored values, scales) of projection ``name`` in format ``quant``."""
+def quantized_spec(name: str, spec: WeightSpec, quant: str) -> dict[str, WeightSpec]:
+    """The stored arrays of projection ``name`` in model format ``quant``: values, scales
+    (and int4's minimums)."""
+    fmt = tensor_format(name, quant)
     last = spec.contract[-1]
     shape, scale_shape, scale_axes = list(spec.shape), list(spec.shape), list(spec.axes)
-    if quant == "int8":  # one scale per output channel
+    if fmt == "int8":  # one scale per output channel
         for axis in spec.contract:
             scale_shape[axis], scale_axes[axis] = 1, None
-    else:  # one scale per INT4_GROUP consecutive inputs along the last contracted axis
-        if spec.shape[last] % INT4_GROUP:
-            raise ValueError(f"{name}: int4 needs axis {last} ({spec.shape[last]}) to be a multiple of {INT4_GROUP}")
-        shape[last] //= 2
-        scale_shape[last] = spec.shape[last] // INT4_GROUP
-    values = WeightSpec(tuple(shape), spec.axes, spec.init, spec.contract, "int8")
-    return values, WeightSpec(tuple(scale_shape), tuple(scale_axes), "norm", (), "float32")
+        values = WeightSpec(tuple(shape), spec.axes, spec.init, spec.contract, "int8")
+        return {name: values, f"{name}_scale": WeightSpec(tuple(scale_shape), tuple(scale_axes), "norm", (), "float32")}
+    if spec.shape[last] % INT4_GROUP:
+        raise ValueError(f"{name}: int4 needs axis {last} ({spec.shape[last]}) to be a multiple of {INT4_GROUP}")
+    shape[last] //= 2
+    scale_shape[last] = spec.shape[last] // INT4_GROUP
+    group = WeightSpec(tuple(scale_shape), tuple(scale_axes), "norm", (), "float32")
+    return {name: WeightSpec(tuple(shape), spec.axes, spec.init, spec.contract, "uint8"),
+            f"{name}_scale": group, f"{name}_min": group}
 
 
 def _float_specs(cfg: ModelConfig) -> dict[str, WeightSpec]:
