@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from tqdm.auto import tqdm
@@ -39,6 +40,7 @@ from tqdm.auto import tqdm
 from jaxinfer.config import ModelConfig
 from jaxinfer.convert import is_gguf, is_hf_dir, read_source
 from jaxinfer.convert.names import DTYPES, host_dtype
+from jaxinfer.model import quant as qt
 from jaxinfer.model.weights import flatten, nest, weight_specs
 from jaxinfer.sharding import make_mesh, weight_shardings
 from jaxinfer.tokenizer import Tokenizer
@@ -72,9 +74,9 @@ def is_checkpoint(path: str | Path) -> bool:
     return (Path(path) / MARKER).is_file()
 
 
-def check_weights(cfg: ModelConfig, weights: dict[str, np.ndarray]) -> None:
+def check_weights(cfg: ModelConfig, weights: dict[str, np.ndarray], quant: str | None = None) -> None:
     """ValueError naming the first weight missing, unexpected or of the wrong shape."""
-    specs = weight_specs(cfg)
+    specs = weight_specs(cfg, quant)
     for name in weights:
         if name not in specs:
             raise ValueError(f"unexpected weight {name!r} (not declared by weight_specs for {cfg.name})")
@@ -95,11 +97,17 @@ def save_checkpoint(
     *,
     source: str = "",
     overwrite: bool = False,
+    quantize: str | None = None,
 ) -> Path:
-    """Write a converted checkpoint to ``out_dir`` atomically; returns its path."""
+    """Write a converted checkpoint to ``out_dir`` atomically; returns its path. With
+    ``quantize``, the projections in ``weights`` are float and are stored quantized
+    (:mod:`jaxinfer.model.quant`); the other weights are stored in ``dtype``."""
     out = Path(out_dir).expanduser().absolute()
     np_dtype = host_dtype(dtype)
     check_weights(cfg, weights)
+    if quantize is not None:
+        weights = quantize_weights(cfg, weights, quantize, progress)
+    specs = weight_specs(cfg, quantize)
     _check_free(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -107,7 +115,7 @@ def save_checkpoint(
     try:
         cfg.save(tmp / "config.json")
         flat = {
-            name: np.asarray(a, dtype=np_dtype)
+            name: np.asarray(a, dtype=specs[name].dtype or np_dtype)
             for name, a in tqdm(weights.items(), desc=f"casting to {dtype}", unit="tensor", disable=not progress)
         }
         tree = nest(flat)
@@ -120,6 +128,7 @@ def save_checkpoint(
             "format": FORMAT,
             "version": FORMAT_VERSION,
             "dtype": dtype,
+            "quantize": quantize,
             "source": source,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "jaxinfer_version": __version__,
@@ -129,7 +138,21 @@ def save_checkpoint(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    log.info("saved %s (%s, %d tensors)", out, dtype, len(weights))
+    log.info("saved %s (%s%s, %d tensors)", out, dtype, f", {quantize} projections" if quantize else "",
+             len(weights))
+    return out
+
+
+def quantize_weights(cfg: ModelConfig, weights: dict[str, np.ndarray], quant: str, progress: bool = True
+                     ) -> dict[str, np.ndarray]:
+    """Float weights -> the stored arrays of format ``quant`` (host numpy)."""
+    specs = weight_specs(cfg)
+    out: dict[str, np.ndarray] = {}
+    for name, a in tqdm(weights.items(), desc=f"quantizing to {quant}", unit="tensor", disable=not progress):
+        if specs[name].contract:
+            out.update({k: np.asarray(v) for k, v in qt.quantize_weight(name, jnp.asarray(a), specs[name], quant).items()})
+        else:
+            out[name] = a
     return out
 
 
@@ -179,11 +202,11 @@ def load_checkpoint(
     dtype = dtype or meta["dtype"]
     np_dtype = host_dtype(dtype)
     mesh = mesh if mesh is not None else make_mesh()
-    shardings = weight_shardings(cfg, mesh)
-    specs = weight_specs(cfg)
-    abstract = nest(
-        {name: jax.ShapeDtypeStruct(spec.shape, np_dtype, sharding=shardings[name]) for name, spec in specs.items()}
-    )
+    quant = meta.get("quantize")
+    shardings = weight_shardings(cfg, mesh, quant=quant)
+    specs = weight_specs(cfg, quant)
+    abstract = nest({name: jax.ShapeDtypeStruct(spec.shape, spec.dtype or np_dtype, sharding=shardings[name])
+                     for name, spec in specs.items()})
     with ocp.StandardCheckpointer() as ckptr:
         _check_stored(path, ckptr.metadata(path / "params").item_metadata.tree, specs)
         params = ckptr.restore(path / "params", abstract)
@@ -210,9 +233,11 @@ def _check_stored(path: Path, stored_tree: Any, specs: dict) -> None:
 
 
 def convert(
-    src: str | Path, out: str | Path, dtype: str = "float32", progress: bool = True, *, overwrite: bool = False
+    src: str | Path, out: str | Path, dtype: str = "float32", progress: bool = True, *, overwrite: bool = False,
+    quantize: str | None = None,
 ) -> Path:
-    """Convert a GGUF file or Hugging Face directory into a checkpoint at ``out``."""
+    """Convert a GGUF file or Hugging Face directory into a checkpoint at ``out`` (its projections
+    stored in format ``quantize`` when given)."""
     host_dtype(dtype)
     out = Path(out).expanduser().absolute()
     _check_free(out, overwrite)
@@ -220,7 +245,7 @@ def convert(
     model = read_source(src, dtype=dtype, progress=progress)
     path = save_checkpoint(
         out, model.config, model.weights, model.tokenizer, dtype, progress,
-        source=str(model.source.absolute()), overwrite=overwrite,
+        source=str(model.source.absolute()), overwrite=overwrite, quantize=quantize,
     )
     log.info("converted %s -> %s in %.1fs", src, path, time.perf_counter() - t0)
     return path

@@ -6,12 +6,15 @@ In one run on one machine, with the same weights:
   * decode tokens/s at batch 1, 8 and 32, at context 128 and 1024;
   * with ``--page-sizes``, the decode case at the largest batch and context for
     each page size (how the default page size was picked);
+  * with ``--modes``, every case once per weight format (float32, int8 with each
+    matmul, int4), side by side with the first, with the bytes each holds;
   * with ``--ref DIR``, the same cases run by ``DIR/scripts/bench_engine.py`` in a
     subprocess over ``DIR``'s own package (e.g. ``git worktree add /tmp/old-engine
     1f6bcd2``: the engine before the paged KV cache), and the ratios.
 
     python scripts/bench_engine.py --ref /tmp/old-engine
     python scripts/bench_engine.py --quick                      # a smoke run
+    python scripts/bench_engine.py --modes float32,int8-w8a8,int8-weight-only,int4
     python scripts/bench_engine.py --page-sizes 16,64,128 --batches 32 --contexts 1024 --prefill 128
     python scripts/bench_engine.py --preset llama3-8b-shape --dtype bfloat16 --batches 1,64,256 \
         --contexts 1024 --prefill 2048                          # GPU: random weights
@@ -85,7 +88,18 @@ def measure_bandwidth(seconds: float = 2.0) -> float:
     return x.nbytes / best
 
 
-def build_engine(ckpt, mesh, *, max_seqs: int, max_len: int, page_size: int, buckets, per_row: int):
+# --modes: name -> EngineConfig fields
+MODES = {
+    "float32": {},
+    "int8": {"quantize": "int8"},
+    "int8-w8a8": {"quantize": "int8", "int8_matmul": "w8a8"},
+    "int8-weight-only": {"quantize": "int8", "int8_matmul": "weight-only"},
+    "int4": {"quantize": "int4"},
+}
+
+
+def build_engine(ckpt, mesh, *, max_seqs: int, max_len: int, page_size: int, buckets, per_row: int,
+                 mode: dict | None = None):
     import jax
 
     from jaxinfer.engine.engine import Engine, EngineConfig
@@ -96,7 +110,8 @@ def build_engine(ckpt, mesh, *, max_seqs: int, max_len: int, page_size: int, buc
     bpt = KVPool.bytes_per_token(ckpt.config, jax.tree.leaves(ckpt.params)[0].dtype)
     pages = max_seqs * math.ceil(per_row / page_size)  # every row's longest sequence in the benchmark
     cfg = EngineConfig(max_seqs=max_seqs, max_len=max_len, page_size=page_size, prefill_buckets=buckets,
-                       kv_cache_bytes=pages * page_size * bpt, decode_batches=(1, 8), lazy_compile=True)
+                       kv_cache_bytes=pages * page_size * bpt, decode_batches=(1, 8), lazy_compile=True,
+                       **(mode or {}))
     return Engine(model, cfg, mesh=mesh)
 
 
@@ -143,6 +158,55 @@ def bench_decode(engine, batch: int, ctx: int, steps: int, repeat: int = 3) -> f
     return float(np.median(times))
 
 
+def run_cases(ckpt, mesh, args, prefills, batches, contexts, page, buckets, mode: str, bandwidth_gbs: float) -> dict:
+    """Every prefill and decode case on engines of weight format ``mode``."""
+    from jaxinfer.engine.engine import param_bytes
+
+    out: dict = {"prefill": [], "decode": []}
+    max_len = max(1 << max(prefills).bit_length(), 2 * max(contexts))
+    eng = build_engine(ckpt, mesh, max_seqs=1, max_len=max_len, page_size=page, buckets=buckets,
+                       per_row=max(prefills), mode=MODES[mode])
+    out["weight_bytes"], out["describe"] = param_bytes(eng), eng.describe()
+    for n in prefills:
+        t = bench_prefill(eng, n, args.repeat)
+        out["prefill"].append({"tokens": n, "jaxinfer_s": t, "jaxinfer_tok_s": n / t})
+        print(f"{mode} prefill {n}: {t * 1e3:.1f} ms", file=sys.stderr)
+    del eng
+    per_row = max(contexts) + args.steps * 4 + 2 + page  # bench_decode's pages per row, rounded up
+    eng = build_engine(ckpt, mesh, max_seqs=max(batches), max_len=2 * max(contexts), page_size=page, buckets=buckets,
+                       per_row=per_row, mode=MODES[mode])
+    out["kv_bytes_per_token"] = eng.bytes_per_token
+    for ctx in contexts:
+        for b in batches:
+            t = bench_decode(eng, b, ctx, args.steps)
+            kv_read = b * (ctx + 1) * eng.bytes_per_token  # what the step needs; it reads its whole bucket
+            step_bytes = param_bytes(eng) + kv_read
+            out["decode"].append({"batch": b, "context": ctx, "step_ms": t * 1e3, "tok_s": b / t,
+                                  "bytes_per_step": step_bytes,
+                                  "mbu": step_bytes / (bandwidth_gbs * 1e9) / t,
+                                  "program": list(eng.last_decode_program)})
+            print(f"{mode} decode batch {b} ctx {ctx}: {t * 1e3:.1f} ms/step, {b / t:.1f} tok/s", file=sys.stderr)
+    del eng
+    return out
+
+
+def print_modes(results: dict, modes: list[str]) -> None:
+    """Each mode against the first: weight bytes, prefill seconds and decode tokens/s."""
+    base = results[modes[0]]
+    print(f"{'case':<24}" + "".join(f"{m:>20}" for m in modes))
+    print(f"{'weights MiB':<24}" + "".join(
+        f"{results[m]['weight_bytes'] / 2**20:>11.1f} ({results[m]['weight_bytes'] / base['weight_bytes']:.2f}x)"
+        for m in modes))
+    for i, row in enumerate(base["prefill"]):
+        cells = [results[m]["prefill"][i]["jaxinfer_s"] for m in modes]
+        print(f"{'prefill ' + str(row['tokens']) + ' (ms)':<24}"
+              + "".join(f"{c * 1e3:>11.1f} ({cells[0] / c:.2f}x)" for c in cells))
+    for i, row in enumerate(base["decode"]):
+        cells = [results[m]["decode"][i]["tok_s"] for m in modes]
+        print(f"{'decode b' + str(row['batch']) + ' ctx ' + str(row['context']) + ' (tok/s)':<24}"
+              + "".join(f"{c:>11.1f} ({c / cells[0]:.2f}x)" for c in cells))
+
+
 def run_reference(ref: Path, args) -> dict:
     """The other commit's own bench, over its own package, in a subprocess."""
     with tempfile.TemporaryDirectory() as d:
@@ -173,6 +237,8 @@ def main(argv=None) -> int:
     p.add_argument("--page-size", type=int, default=None, help="page size (default: the engine's)")
     p.add_argument("--page-sizes", default=None, help="also time the largest decode case at these page sizes")
     p.add_argument("--ref", type=Path, default=None, help="a checkout of another commit to run side by side")
+    p.add_argument("--modes", default="float32", help=f"weight formats to run side by side, of {', '.join(MODES)} "
+                   "(int8: this backend's default matmul)")
     p.add_argument("--quick", action="store_true", help="smoke run: small sizes, few steps")
     p.add_argument("--json", default="bench_engine.json", help="write results here")
     args = p.parse_args(argv)
@@ -201,30 +267,17 @@ def main(argv=None) -> int:
                              "jax": jax.__version__},
                  "model": ckpt.config.name, "dtype": args.dtype, "page_size": page, "bandwidth_gbs": measure_bandwidth() / 1e9,
                  "prefill": [], "decode": [], "page_sizes": []}
-    max_len = max(1 << max(prefills).bit_length(), 2 * max(contexts))
-    eng = build_engine(ckpt, mesh, max_seqs=1, max_len=max_len, page_size=page, buckets=buckets,
-                       per_row=max(prefills))
-    for n in prefills:
-        t = bench_prefill(eng, n, args.repeat)
-        res["prefill"].append({"tokens": n, "jaxinfer_s": t, "jaxinfer_tok_s": n / t})
-        print(f"prefill {n}: {t * 1e3:.1f} ms", file=sys.stderr)
-    del eng
-    per_row = max(contexts) + args.steps * 4 + 2 + page  # bench_decode's pages per row, rounded up
-    eng = build_engine(ckpt, mesh, max_seqs=max(batches), max_len=2 * max(contexts), page_size=page, buckets=buckets,
-                       per_row=per_row)
-    for ctx in contexts:
-        for b in batches:
-            t = bench_decode(eng, b, ctx, args.steps)
-            from jaxinfer.engine.engine import param_bytes
-
-            kv_read = b * (ctx + 1) * eng.bytes_per_token  # what the step needs; it reads its whole bucket
-            step_bytes = param_bytes(eng) + kv_read
-            res["decode"].append({"batch": b, "context": ctx, "step_ms": t * 1e3, "tok_s": b / t,
-                                  "bytes_per_step": step_bytes,
-                                  "mbu": step_bytes / (res["bandwidth_gbs"] * 1e9) / t,
-                                  "program": list(eng.last_decode_program)})
-            print(f"decode batch {b} ctx {ctx}: {t * 1e3:.1f} ms/step, {b / t:.1f} tok/s", file=sys.stderr)
-    del eng
+    modes = args.modes.split(",")
+    unknown = set(modes) - set(MODES)
+    if unknown:
+        p.error(f"unknown --modes {sorted(unknown)}; known: {', '.join(MODES)}")
+    res["modes"] = {}
+    for mode in modes:
+        res["modes"][mode] = run_cases(ckpt, mesh, args, prefills, batches, contexts, page, buckets, mode,
+                                       res["bandwidth_gbs"])
+    res["prefill"], res["decode"] = res["modes"][modes[0]]["prefill"], res["modes"][modes[0]]["decode"]
+    if len(modes) > 1:
+        print_modes(res["modes"], modes)
     if args.page_sizes:
         b, ctx = max(batches), max(contexts)
         for ps in (int(x) for x in args.page_sizes.split(",")):

@@ -610,7 +610,7 @@ def test_cli_convert(tmp_path, capsys):
     sub = parser.add_subparsers(dest="command")
     command.register(sub)
     help_text = sub.choices["convert"].format_help()
-    for word in ("SRC", "OUT", "--dtype", "bfloat16", "gemma3-270m", "GGUF", "safetensors", "--overwrite"):
+    for word in ("SRC", "OUT", "--dtype", "bfloat16", "gemma3-270m", "GGUF", "safetensors", "--overwrite", "--quantize"):
         assert word in help_text
     src = save_hf(tiny_model("llama"), tmp_path / "hf")
     args = parser.parse_args(["convert", str(src), str(tmp_path / "out"), "--dtype", "bfloat16", "--no-progress"])
@@ -619,6 +619,10 @@ def test_cli_convert(tmp_path, capsys):
     assert load_checkpoint(tmp_path / "out").dtype == "bfloat16"
     assert args.func(args) == 2  # exists
     assert "already exists" in capsys.readouterr().err
+    args = parser.parse_args(["convert", str(src), str(tmp_path / "q8"), "--quantize", "int8", "--no-progress"])
+    assert args.func(args) == 0
+    layers = load_checkpoint(tmp_path / "q8").params["layers"]
+    assert layers["wq"].dtype == np.int8 and layers["wq_scale"].dtype == np.float32
 
 
 # --- (5) real models: every tensor equals transformers' GGUF loader ---------------------------

