@@ -200,6 +200,7 @@ def test_requantizing_a_quantized_checkpoint_is_refused(engines):
 def test_choose_matmul():
     assert qt.choose_matmul("cpu") == "w8a8" and qt.choose_matmul("gpu") == "weight-only"
     assert qt.choose_matmul("gpu", "w8a8") == "w8a8"
+    assert qt.choose_matmul("cpu", "w8a8", "int4") == qt.choose_matmul("cpu", quant="int4") == "weight-only"
     with pytest.raises(ValueError, match="int8_matmul"):
         qt.choose_matmul("cpu", "fp8")
 

@@ -165,7 +165,7 @@ class Engine:
             cast = jax.jit(lambda x, want=want: x.astype(want), out_shardings=shardings[name])
             placed[name] = cast(a) if a.dtype != want or getattr(a, "sharding", None) != shardings[name] else a
         self.quant = fmt
-        self.matmul = qt.choose_matmul(self.platform, self.config.int8_matmul) if fmt else None
+        self.matmul = qt.choose_matmul(self.platform, self.config.int8_matmul, fmt) if fmt else None
         model = Transformer(self.cfg, params=nest(placed), matmul=self.matmul or "weight-only",
                             int8_rows=qt.min_rows(self.platform))
         graphdef, params = nnx.split(model)

@@ -44,17 +44,24 @@ MATMULS = ("w8a8", "weight-only")
 CPU_MIN_INT8_ROWS = 8
 
 
-def choose_matmul(platform: str, requested: str = "auto") -> str:
-    """How int8 weights multiply on ``platform`` ("cpu", "gpu", "tpu").
+def choose_matmul(platform: str, requested: str = "auto", quant: str = "int8") -> str:
+    """How the int8 weights of model format ``quant`` multiply on ``platform``
+    ("cpu", "gpu", "tpu"): the one place this is decided.
 
-    CPU: w8a8 at every batch size (the integer matmul is the faster one; rows
-    are padded up to :data:`CPU_MIN_INT8_ROWS`). GPU and TPU: weight-only,
-    where decode is bound by the bytes of weights read and the dequantize
-    fuses into the float matmul; not measured here (no accelerator), so it is
-    the conservative choice."""
+    int4 models compute weight-only throughout (int4 is a storage format, and
+    the tensors it keeps int8 are the ones most sensitive to error). int8 on
+    a CPU: w8a8 at every batch size (XLA CPU's integer matmul is the faster
+    one; rows are padded up to :data:`CPU_MIN_INT8_ROWS`; weight-only there
+    converts the whole weight to float32 before every matmul). GPU and TPU:
+    weight-only, where decode is bound by the bytes of weights read and the
+    dequantize fuses into the float matmul; not measured here (no
+    accelerator), so it is the conservative choice. ``requested`` other than
+    "auto" overrides the rule for int8 models."""
+    if requested not in ("auto",) + MATMULS:
+        raise ValueError(f"int8_matmul={requested!r}: expected auto or one of {MATMULS}")
+    if quant == "int4":
+        return "weight-only"
     if requested != "auto":
-        if requested not in MATMULS:
-            raise ValueError(f"int8_matmul={requested!r}: expected auto or one of {MATMULS}")
         return requested
     return "w8a8" if platform == "cpu" else "weight-only"
 
