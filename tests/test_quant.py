@@ -44,8 +44,8 @@ def test_qdot_is_the_matmul_by_the_dequantized_weight(case, fmt):
     minimum = minimum[0] if minimum else None
     deq = qt.dequantize(values, scale, spec.contract, fmt, minimum=minimum)
     # every element within half a quantization step of the float weight
-    step = scale if fmt == "int8" else jnp.repeat(scale, INT4_GROUP, axis=spec.contract[-1])
-    assert bool(jnp.all(jnp.abs(deq - w) <= step / 2 + 1e-5))
+    step = scale if fmt == "int8" else jnp.repeat(scale.astype(jnp.float32), INT4_GROUP, axis=spec.contract[-1])
+    assert bool(jnp.all(jnp.abs(deq - w) <= step * (0.5 if fmt == "int8" else 0.51) + 1e-5))  # int4: float16 scales
     want = jnp.einsum(eq, x, deq)
     got = qt.qdot(x, values, scale, spec.contract, fmt, matmul="weight-only", minimum=minimum)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
@@ -65,8 +65,9 @@ def test_int4_reproduces_an_affine_4bit_grid_exactly():
     q = rng.integers(0, 16, spec.shape)
     q[:INT4_GROUP:2], q[1:INT4_GROUP:2] = 0, 15  # every group spans the whole grid
     q[INT4_GROUP:2 * INT4_GROUP:2], q[INT4_GROUP + 1:2 * INT4_GROUP:2] = 0, 15
-    d = rng.uniform(0.01, 0.1, (2, 1, 3, 32)).repeat(INT4_GROUP, 1).astype(np.float32)
-    m = rng.uniform(-0.5, 0, (2, 1, 3, 32)).repeat(INT4_GROUP, 1).astype(np.float32)
+    # float16 scales and minimums, as GGUF's blocks hold them
+    d = rng.uniform(0.01, 0.1, (2, 1, 3, 32)).repeat(INT4_GROUP, 1).astype(np.float16).astype(np.float32)
+    m = rng.uniform(-0.5, 0, (2, 1, 3, 32)).repeat(INT4_GROUP, 1).astype(np.float16).astype(np.float32)
     w = jnp.asarray(q.reshape(2, INT4_GROUP, 3, 32) * d + m).reshape(spec.shape)
     values, scale, minimum = qt.quantize(w, spec, "int4")
     np.testing.assert_allclose(qt.dequantize(values, scale, spec.contract, "int4", minimum=minimum), w, atol=1e-6)
@@ -95,6 +96,7 @@ def test_quantized_declarations():
             continue
         assert q4[name].dtype == "uint8" and q4[name].shape[last] * 2 == f.shape[last]
         assert q4[f"{name}_scale"].shape[last] * INT4_GROUP == f.shape[last] == q4[f"{name}_min"].shape[last] * 32
+        assert q4[f"{name}_scale"].dtype == q4[f"{name}_min"].dtype == "float16"
     assert float_specs["final_norm"] == q8["final_norm"] == q4["final_norm"]
     with pytest.raises(ValueError, match="multiple of 32"):
         weight_specs(LLAMA_TINY, "int4")  # hidden 72

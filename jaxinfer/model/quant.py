@@ -4,7 +4,7 @@ Formats (declared in :func:`jaxinfer.model.weights.weight_specs`):
 
 - ``int8``: symmetric, one float32 scale per output channel (the absolute
   maximum over the contracted axes / 127).
-- ``int4``: asymmetric, a float32 scale and minimum per :data:`INT4_GROUP`
+- ``int4``: asymmetric, a float16 scale and minimum per :data:`INT4_GROUP`
   consecutive inputs (value = q * scale + min, q in 0..15: the affine grid of
   GGUF's Q4_1 and Q4_K blocks, which it reproduces exactly when the groups
   align), held two to a byte along the last contracted axis. It is a storage
@@ -84,10 +84,14 @@ def quantize(w: jax.Array, spec: WeightSpec, fmt: str) -> tuple[jax.Array, ...]:
         return jnp.clip(jnp.round(w / scale), -127, 127).astype(jnp.int8), scale
     last = spec.contract[-1]
     grouped = _split(w, last, INT4_GROUP)
-    lo = jnp.min(grouped, axis=last + 1, keepdims=True)
+    # float16 scale and min, as GGUF's blocks hold them; rounded before the values are
+    # computed, so that the values are the nearest for the scale that is stored
+    lo = jnp.min(grouped, axis=last + 1, keepdims=True).astype(jnp.float16)
     hi = jnp.max(grouped, axis=last + 1, keepdims=True)
-    scale = jnp.where(hi > lo, (hi - lo) / 15.0, 1.0)
-    q = jnp.clip(jnp.round((grouped - lo) / scale), 0, 15).astype(jnp.uint8)
+    scale = jnp.where(hi > lo, (hi - lo) / 15.0, 1.0).astype(jnp.float16)
+    scale = jnp.where(scale == 0, jnp.float16(1.0), scale)
+    q = jnp.round((grouped - lo.astype(F32)) / scale.astype(F32))
+    q = jnp.clip(q, 0, 15).astype(jnp.uint8)
     return pack_int4(q.reshape(w.shape), last), jnp.squeeze(scale, last + 1), jnp.squeeze(lo, last + 1)
 
 
@@ -142,7 +146,8 @@ def dequantize(values: jax.Array, scale: jax.Array, contract: tuple[int, ...], f
         return (values.astype(F32) * scale).astype(dtype)
     last = contract[-1]
     q = unpack_int4(values, last)
-    w = _split(q, last, INT4_GROUP).astype(F32) * jnp.expand_dims(scale, last + 1) + jnp.expand_dims(minimum, last + 1)
+    w = (_split(q, last, INT4_GROUP).astype(F32) * jnp.expand_dims(scale.astype(F32), last + 1)
+         + jnp.expand_dims(minimum.astype(F32), last + 1))
     return w.reshape(q.shape).astype(dtype)
 
 

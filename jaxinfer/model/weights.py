@@ -24,8 +24,8 @@ Quantized weights (``weight_specs(cfg, quant="int8" | "int4")``) are declared
 here too, so sharding, checkpoint save/restore and the converters treat them
 like every other weight. Each projection names its contracted (input) axes
 (``contract``); the quantized array keeps the float weight's layout and a
-``NAME_scale`` array of the same rank holds float32 scales: int8 has one per
-output channel (the contracted axes have size 1); int4 has one per group of
+``NAME_scale`` array of the same rank holds the scales: int8 has a float32 one
+per output channel (the contracted axes have size 1); int4 a float16 one per group of
 :data:`INT4_GROUP` inputs along the last contracted axis, with a ``NAME_min``
 array beside it (asymmetric: value = q * scale + min, q in 0..15), and holds
 its values two to a byte along that axis, which is halved in the stored shape.
@@ -103,7 +103,7 @@ def quantized_spec(name: str, spec: WeightSpec, quant: str) -> dict[str, WeightS
         raise ValueError(f"{name}: int4 needs axis {last} ({spec.shape[last]}) to be a multiple of {INT4_GROUP}")
     shape[last] //= 2
     scale_shape[last] = spec.shape[last] // INT4_GROUP
-    group = WeightSpec(tuple(scale_shape), tuple(scale_axes), "norm", (), "float32")
+    group = WeightSpec(tuple(scale_shape), tuple(scale_axes), "norm", (), "float16")
     return {name: WeightSpec(tuple(shape), spec.axes, spec.init, spec.contract, "uint8"),
             f"{name}_scale": group, f"{name}_min": group}
 
