@@ -310,8 +310,11 @@ class Engine:
         """Compile the variants not compiled yet on a thread; calls meanwhile
         use the smallest compiled program that fits (after :meth:`compile` of
         :meth:`covering_variants`, one always does)."""
-        thread = threading.Thread(target=self.compile, kwargs={"progress": False}, name="jaxinfer-compile",
-                                  daemon=True)
+        def run() -> None:
+            self.compile(progress=False)
+            log.info("background compile done: %d programs compiled", self.programs_compiled)
+
+        thread = threading.Thread(target=run, name="jaxinfer-compile", daemon=True)
         thread.start()
         return thread
 
