@@ -93,7 +93,7 @@ class Config:
     max_seqs: int = 8
     max_len: int = 384
     page_size: int = 16
-    kv_cache_memory: str = "24MiB"
+    kv_cache_memory: str = "16MiB"
     prefill_buckets: str = "32,128"
     rss_limit_mib: float = 64.0
     replay_max: int = 0  # greedy requests replayed alone (0: all)
@@ -211,12 +211,16 @@ def plan(cfg: Config, rng: random.Random, start: int, vocab_size: int) -> list[d
     kinds = list(KINDS)
     weights = [KINDS[k] for k in kinds]
     out = []
+    burst = min(cfg.max_seqs, cfg.concurrency, cfg.requests)
     for i in range(start, start + cfg.requests):
-        kind = rng.choices(kinds, weights)[0]
+        # each round opens with a burst of long greedy requests, together more than the pool holds
+        kind = "greedy" if i - start < burst else rng.choices(kinds, weights)[0]
         front = "grpc" if kind == "deadline" else rng.choice(["grpc", "http"])
         stream = True if kind in ("cancel", "disconnect") else rng.random() < 0.5
         p = {"index": i, "kind": kind, "front": front, "stream": stream, "prompt": _prompt(rng),
              "max_tokens": rng.randrange(4, cfg.max_tokens + 1), "temperature": 0.0, "after": rng.randrange(1, 6)}
+        if kind == "greedy" and (i - start < burst or rng.random() < 0.3):  # to max_tokens: they press on the pool
+            p.update(ignore_eos=True, max_tokens=cfg.max_tokens)
         if kind == "sampled":
             p.update(temperature=rng.choice([0.7, 1.0]), top_p=0.95)
             if rng.random() < 0.5:
@@ -291,7 +295,8 @@ class Clients:
 
     def _grpc_request(self, p: dict):
         fields = dict(max_tokens=p["max_tokens"], temperature=p["temperature"], top_p=p.get("top_p"),
-                      seed=p.get("seed"), stop=p.get("stop", []), request_id=f"soak-{p['index']}")
+                      seed=p.get("seed"), stop=p.get("stop", []), ignore_eos=p.get("ignore_eos", False),
+                      request_id=f"soak-{p['index']}")
         ids = None
         if p["kind"] == "bad":
             bad = _bad_fields(p["bad"], p, self.vocab_size, self.max_len)
@@ -349,7 +354,7 @@ class Clients:
         body: dict = {"model": self.model, "max_tokens": p["max_tokens"], "temperature": p["temperature"],
                       "stream": p["stream"]}
         body.update({"messages": p["messages"]} if chat else {"prompt": p["prompt"]})
-        for key in ("top_p", "seed", "stop"):
+        for key in ("top_p", "seed", "stop", "ignore_eos"):
             if key in p:
                 body[key] = p[key]
         if p["kind"] == "bad":
