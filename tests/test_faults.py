@@ -25,6 +25,7 @@ import httpx
 import jax
 import pytest
 
+from jaxinfer.cli import main
 from jaxinfer.engine.engine import Engine
 from jaxinfer.metrics import Metrics
 from server import jaxinfer_pb2 as pb
@@ -400,8 +401,6 @@ def test_device_out_of_memory_at_start_up_names_the_budget_and_the_flags(monkeyp
     msg = str(e.value)
     assert "out of device memory allocating the KV cache pool: 4096 pages x 8 tokens" in msg
     assert "--kv-cache-memory" in msg and "--max-seqs=4" in msg and "lower --kv-cache-memory or --max-seqs" in msg
-    from jaxinfer.cli import main
-
     assert main(["serve", "--model", str(tiny_ckpt), "--kv-cache-memory", "1024GiB", "--port", "0", "--no-http"]) == 2
     err = capsys.readouterr().err
     assert "jaxinfer serve: error: out of device memory allocating the KV cache pool" in err

@@ -550,11 +550,9 @@ class Engine:
         return StepResult(out, rows, dict(self._want_top), steps)
 
     def recover(self) -> bool:
-        """After a failed call: whether the decode state or the KV pool was lost with it (a program
-        that failed after taking its donated buffers, or a step that failed on the device and left
-        its outputs poisoned). Then fresh zeroed ones replace them and every row is released: every
-        page's contents are gone, so the caller recomputes what it still serves. False: the failure
-        left them intact."""
+        """After a failed call: True when the decode state or the pool went with it (a program that
+        failed after taking its donated buffers, or a step whose outputs failed on the device); fresh
+        zeroed ones replace them, every row released, every page's contents gone."""
         try:
             jax.block_until_ready((self.state, self.pool))
             return False

@@ -55,8 +55,8 @@ finish_reason "error" (its pages are freed, not cached); a failing decode step e
 that step. If the engine lost its device state with the failed call (``engine.recover()``: a
 program that failed after taking its donated buffers), every other running sequence is requeued
 to be recomputed from its tokens, as when preempted, and the prefix cache is forgotten, so the
-requests outside that call and the later ones are still served. The loop itself never dies silently: on an unexpected error it fails what it holds and
-goes on. Cancellation and deadlines free the row and pages within one engine call: they are
+requests outside that call and the later ones are still served. The loop itself never dies
+silently: on an unexpected error it fails what it holds and goes on. Cancellation and deadlines free the row and pages within one engine call: they are
 reaped at the top of each iteration, after the score pieces, and between two prefill calls; a score
 job past its deadline stops before its next piece.
 drain() stops admitting, lets queued and running requests finish within a grace period, then
@@ -159,7 +159,6 @@ class Scheduler:
         self._thread: threading.Thread | None = None
         self.died: BaseException | None = None  # what escaped the loop itself, when it did
         self._death_callbacks: list[Callable[[BaseException], None]] = []
-        self._engine_ok = True  # False while recovering from a lost engine state: nothing is cached
 
     # -- public API (any thread) -----------------------------------------------------------------------
 
@@ -560,19 +559,15 @@ class Scheduler:
         log.error("the engine lost its device state: %d running requests requeued to be recomputed, "
                   "prefix cache cleared", len(running))
         self._inflight.clear()  # their owners are requeued under a new epoch: any result would be stale
-        self._engine_ok = False  # nothing in the pool is worth caching now
-        try:
-            for seq in reversed(running):  # each goes to the front: the first admitted ends up first
-                self._preempt(seq, "the engine lost its device state")
-        finally:
-            self._engine_ok = True
+        for seq in reversed(running):  # each goes to the front: the first admitted ends up first
+            self._preempt(seq, "the engine lost its device state", cache=False)  # the pool holds nothing now
         self.blocks.reset_prefix_cache()
 
-    def _preempt(self, seq: Seq, why: str = "pool short of pages") -> None:
+    def _preempt(self, seq: Seq, why: str = "pool short of pages", cache: bool = True) -> None:
         """Free a running sequence's row and pages; requeue it first, to be recomputed from its
         prompt + the tokens it generated. Its in-flight tokens are dropped as stale."""
         log.info("request_id=%s preempted at %d generated tokens (%s)", seq.rid, seq.generated, why)
-        if self._engine_ok:
+        if cache:
             self.blocks.commit_full_pages(seq, seq.written)  # its recompute will likely find them still cached
         self._release(seq)
         seq.state = WAITING
@@ -645,7 +640,7 @@ class Scheduler:
         if seq.state == FINISHED:
             return
         if seq.row >= 0:
-            if reason != "error" and self._engine_ok:  # an error may leave a piece half written: cache nothing of it
+            if reason != "error":  # an error may leave a piece half written: cache nothing of it
                 self.blocks.commit_full_pages(seq, seq.written)
             self._release(seq)
         seq.state = FINISHED
