@@ -116,7 +116,12 @@ class Engine:
         max_pages = math.ceil(self.max_len / self.page_size)
         self.widths = _pow2_buckets(math.ceil(MIN_CONTEXT / self.page_size), max_pages)
         self.decode_batches = tuple(sorted({min(b, self.max_seqs) for b in config.decode_batches} | {self.max_seqs}))
-        self._place_state()
+        try:
+            self._place_state()
+        except jax.errors.JaxRuntimeError as e:
+            if "RESOURCE_EXHAUSTED" not in str(e):
+                raise
+            raise ValueError(self._out_of_memory()) from e
         self._abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
                                       (self.params, self.state, self.pool))
         self._host_len = np.zeros(self.max_seqs, np.int64)  # positions each row holds (by this engine's calls)
@@ -187,6 +192,19 @@ class Engine:
             raise ValueError("the device reports no free memory; set EngineConfig.kv_cache_bytes (--kv-cache-memory)")
         split = self.mesh.shape["model"] if self.cfg.num_kv_heads % self.mesh.shape["model"] == 0 else 1
         return int(free * self.config.kv_cache_fraction) * split
+
+    def _out_of_memory(self) -> str:
+        """What to change when the pool and the decode state do not fit the device."""
+        if self.config.kv_cache_bytes:
+            budget = "--kv-cache-memory (EngineConfig.kv_cache_bytes)"
+        elif self.platform == "cpu":
+            budget = "the CPU default of --kv-cache-memory"
+        else:
+            budget = f"kv_cache_fraction={self.config.kv_cache_fraction:g} of the free device memory"
+        pool = self.num_pages * self.page_size * self.bytes_per_token
+        return (f"out of device memory allocating the KV cache pool: {self.num_pages} pages x {self.page_size} "
+                f"tokens = {pool / 2**20:.1f} MiB ({budget}) plus the decode state of --max-seqs={self.max_seqs} "
+                f"rows; lower --kv-cache-memory or --max-seqs")
 
     def _place_state(self) -> None:
         m, R, V = self.mesh, self.max_seqs, self.cfg.vocab_size
@@ -329,8 +347,11 @@ class Engine:
         """Compile the variants not compiled yet on a thread; calls meanwhile
         use the smallest compiled program that fits (after :meth:`compile` of
         :meth:`covering_variants`, one always does)."""
-        thread = threading.Thread(target=self.compile, kwargs={"progress": False}, name="jaxinfer-compile",
-                                  daemon=True)
+        def run() -> None:
+            self.compile(progress=False)
+            log.info("background compile done: %d programs compiled", self.programs_compiled)
+
+        thread = threading.Thread(target=run, name="jaxinfer-compile", daemon=True)
         thread.start()
         return thread
 
@@ -546,6 +567,22 @@ class Engine:
                                              np.bool_(want_top))
         self._host_len[rows] += steps
         return StepResult(out, rows, dict(self._want_top), steps)
+
+    def recover(self) -> bool:
+        """After a failed call: True when the decode state or the pool went with it (a program that
+        failed after taking its donated buffers, or a step whose outputs failed on the device); fresh
+        zeroed ones replace them, every row released, every page's contents gone."""
+        try:
+            jax.block_until_ready((self.state, self.pool))
+            return False
+        except Exception:
+            log.error("the engine lost its device state with a failed call: reallocating the decode state and the KV pool")
+        self._place_state()
+        self._host_len[:] = 0
+        self._sampled[:] = False
+        self._want_top.clear()
+        self._partial.clear()
+        return True
 
     def release(self, row: int) -> None:
         self._host_len[row] = 0

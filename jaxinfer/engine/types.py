@@ -116,7 +116,9 @@ class EngineProtocol(Protocol):
     tokens, params, start, pages)`` (at most ``prefill_rows`` of them, each at
     most ``prefill_many_limit`` tokens) in one call; ``decode_steps`` = k > 1
     means ``decode(rows, pages, k)`` is compiled (the handle's ``results()``
-    gives one dict per step).
+    gives one dict per step). ``recover()`` after a failed call: True when the
+    device state and pool were lost with it and replaced by fresh ones (every
+    row released, every page's contents gone).
     """
 
     max_seqs: int

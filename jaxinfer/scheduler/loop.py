@@ -52,8 +52,11 @@ dispatched past its own token limit, so the cache is never written beyond max_le
 
 Failures stay local: an exception while prefilling or updating one request ends that request with
 finish_reason "error" (its pages are freed, not cached); a failing decode step ends the requests in
-that step. The loop itself never dies silently: on an unexpected error it fails what it holds and
-goes on. Cancellation and deadlines free the row and pages within one engine call: they are
+that step. If the engine lost its device state with the failed call (``engine.recover()``: a
+program that failed after taking its donated buffers), every other running sequence is requeued
+to be recomputed from its tokens, as when preempted, and the prefix cache is forgotten, so the
+requests outside that call and the later ones are still served. The loop itself never dies
+silently: on an unexpected error it fails what it holds and goes on. Cancellation and deadlines free the row and pages within one engine call: they are
 reaped at the top of each iteration, after the score pieces, and between two prefill calls; a score
 job past its deadline stops before its next piece.
 drain() stops admitting, lets queued and running requests finish within a grace period, then
@@ -368,7 +371,8 @@ class Scheduler:
 
     def _run_scores(self) -> bool:
         """Score pairs within this iteration's token budget. False while a job waits for pages."""
-        return run_score_jobs(self._scores, self._lock, self.engine, self.blocks, self._chunk, self._budget)
+        return run_score_jobs(self._scores, self._lock, self.engine, self.blocks, self._chunk, self._budget,
+                              on_error=self._recover_engine)
 
     def _admit(self) -> None:
         free_rows = [i for i, s in enumerate(self._rows) if s is None]
@@ -418,7 +422,7 @@ class Scheduler:
                     continue
                 self._prefill_group(group)
                 spent += n
-                del pending[: len(group)]
+                pending[:] = [s for s in pending[len(group) :] if s.state == PREFILLING]
                 continue
             seq = pending.pop(0)
             while seq.state == PREFILLING:
@@ -436,7 +440,8 @@ class Scheduler:
                     )
                 except Exception as e:
                     log.exception("request_id=%s prefill failed", seq.rid)
-                    self._finish(seq, "error", message=f"prefill failed: {e}")
+                    self._engine_error([seq], f"prefill failed: {e}")
+                    pending[:] = [s for s in pending if s.state == PREFILLING]
                     break
                 spent += n
                 self._prefilled(seq, start + n, first if last else None, last)
@@ -477,16 +482,22 @@ class Scheduler:
         items = [(s.row, s.fill[s.prefilled :], s.req.sampling, s.prefilled, tuple(self.blocks.table(s))) for s in group]
         try:
             firsts = self.engine.prefill_many(items)
-        except Exception:
-            # one bad prompt must not fail the others: retry each alone, so only it ends in error
+        except Exception as e:
             log.exception("prefill of %d prompts failed; prefilling them one at a time", len(group))
+            if self._engine_lost():  # the call took the pool with it: it ends its requests, no retry
+                self._engine_error(group, f"prefill failed: {e}", lost=True)
+                return
+            # one bad prompt must not fail the others: retry each alone, so only it ends in error
             firsts = []
             for seq, (row, tokens, params, start, pages) in zip(group, items):
+                if seq.state != PREFILLING:  # requeued: an earlier retry lost the engine's state
+                    firsts.append(None)
+                    continue
                 try:
                     firsts.append(self.engine.prefill(row, tokens, params, pages=pages, start=start))
                 except Exception as e:
                     log.exception("request_id=%s prefill failed", seq.rid)
-                    self._finish(seq, "error", message=f"prefill failed: {e}")
+                    self._engine_error([seq], f"prefill failed: {e}")
                     firsts.append(None)
         for seq, first in zip(group, firsts):
             if seq.state == PREFILLING:
@@ -521,19 +532,43 @@ class Scheduler:
             handle = self.engine.decode(rows, pages, k) if k > 1 else self.engine.decode(rows, pages)
         except Exception as e:
             log.exception("decode dispatch failed")
-            for s in owners.values():
-                self._finish(s, "error", message=f"decode step failed: {e}")
+            self._engine_error(list(owners.values()), f"decode step failed: {e}")
             return False
         for s in owners.values():
             s.dispatched += k
         self._inflight.append(Step(handle, {r: (s, s.epoch) for r, s in owners.items()}, k))
         return True
 
-    def _preempt(self, seq: Seq) -> None:
+    def _engine_lost(self) -> bool:
+        """After a failed engine call: did the engine lose its device state with it?"""
+        recover = getattr(self.engine, "recover", None)
+        return bool(recover is not None and recover())
+
+    def _engine_error(self, seqs: Sequence[Seq], message: str, *, lost: bool | None = None) -> None:
+        """End ``seqs``, the requests of a failed engine call, in error; then recover the rest."""
+        for s in seqs:
+            self._finish(s, "error", message=message)
+        self._recover_engine(lost)
+
+    def _recover_engine(self, lost: bool | None = None) -> None:
+        """If the engine lost its device state (every page's contents), recompute every running
+        sequence from its tokens, as if preempted, and forget the prefix cache."""
+        if not (self._engine_lost() if lost is None else lost):
+            return
+        running = list(self._running)
+        log.error("the engine lost its device state: %d running requests requeued to be recomputed, "
+                  "prefix cache cleared", len(running))
+        self._inflight.clear()  # their owners are requeued under a new epoch: any result would be stale
+        for seq in reversed(running):  # each goes to the front: the first admitted ends up first
+            self._preempt(seq, "the engine lost its device state", cache=False)  # the pool holds nothing now
+        self.blocks.reset_prefix_cache()
+
+    def _preempt(self, seq: Seq, why: str = "pool short of pages", cache: bool = True) -> None:
         """Free a running sequence's row and pages; requeue it first, to be recomputed from its
         prompt + the tokens it generated. Its in-flight tokens are dropped as stale."""
-        log.info("request_id=%s preempted at %d generated tokens (pool short of pages)", seq.rid, seq.generated)
-        self.blocks.commit_full_pages(seq, seq.written)  # its recompute will likely find them still cached
+        log.info("request_id=%s preempted at %d generated tokens (%s)", seq.rid, seq.generated, why)
+        if cache:
+            self.blocks.commit_full_pages(seq, seq.written)  # its recompute will likely find them still cached
         self._release(seq)
         seq.state = WAITING
         seq.preemptions += 1
@@ -547,9 +582,8 @@ class Scheduler:
             per_step = step.handle.results() if step.steps > 1 else [step.handle.result()]
         except Exception as e:
             log.exception("decode step failed")
-            for row, (s, epoch) in step.owners.items():
-                if s.state == DECODING and s.epoch == epoch:
-                    self._finish(s, "error", message=f"decode step failed: {e}")
+            owners = [s for s, epoch in step.owners.values() if s.state == DECODING and s.epoch == epoch]
+            self._engine_error(owners, f"decode step failed: {e}")
             return
         for results in per_step:
             for row, (s, epoch) in step.owners.items():

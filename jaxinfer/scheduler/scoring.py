@@ -86,12 +86,14 @@ def score_through_pages(
 
 
 def run_score_jobs(
-    jobs: deque[ScoreJob], lock: threading.Lock, engine: EngineProtocol, blocks: BlockManager, chunk: int, budget: int
+    jobs: deque[ScoreJob], lock: threading.Lock, engine: EngineProtocol, blocks: BlockManager, chunk: int, budget: int,
+    on_error: Callable[[], None] = lambda: None,
 ) -> bool:
     """Run queued jobs, first come first served, pair by pair, up to ``budget`` tokens (at least
     one pair), so decode steps run between the pairs of a long batch. Returns False while the
     first job waits for pages (the caller holds admissions until it got them). ``jobs`` is
-    guarded by ``lock``; the rest belongs to the loop thread."""
+    guarded by ``lock``; the rest belongs to the loop thread. ``on_error`` runs after a pair failed
+    (the scheduler checks whether the engine lost its state with it)."""
     spent = 0
     while True:
         with lock:
@@ -113,6 +115,7 @@ def run_score_jobs(
         except Exception as e:
             if not isinstance(e, TimeoutError):
                 log.exception("score failed")
+                on_error()
             job.future.set_exception(e)
             with lock:
                 jobs.popleft()
