@@ -189,6 +189,42 @@ def prefix_section(name: str, d: dict, plot: str | None) -> str:
                                  "finished", "greedy equal to the big pool"], rows))
     return "\n\n".join(out)
 
+def quant_engine_section(name: str, d: dict, plot: str | None) -> str:
+    """scripts/bench_engine.py --modes: every weight format side by side with the first."""
+    modes = list(d["modes"])
+    base = d["modes"][modes[0]]
+    out = [f"Model {d['model']}, {_machine(d['machine'])}; pages of {d['page_size']} tokens; every mode in one run, "
+           f"ratios against {modes[0]}."]
+    rows = [("weights MiB", *(f"{d['modes'][m]['weight_bytes'] / 2**20:,.1f} "
+                              f"({d['modes'][m]['weight_bytes'] / base['weight_bytes']:.2f}x)" for m in modes)),
+            ("KV bytes per token", *(str(d["modes"][m]["kv_bytes_per_token"]) for m in modes))]
+    for i, r in enumerate(base["prefill"]):
+        cells = [d["modes"][m]["prefill"][i]["jaxinfer_s"] for m in modes]
+        rows.append((f"prefill {r['tokens']} ms", *(f"{c * 1e3:,.1f} ({cells[0] / c:.2f}x)" for c in cells)))
+    for i, r in enumerate(base["decode"]):
+        cells = [d["modes"][m]["decode"][i]["tok_s"] for m in modes]
+        rows.append((f"decode b{r['batch']} ctx {r['context']} tok/s", *(f"{c:,.1f} ({c / cells[0]:.2f}x)" for c in cells)))
+    out.append(format_table(["case", *modes], rows))
+    return "\n\n".join(out)
+
+
+def quality_section(name: str, d: dict, plot: str | None) -> str:
+    """scripts/quant_quality.py --json: perplexity of each mode against float32."""
+    out = [f"Perplexity of `tests/data/{d['text']}`, every mode in one run ({d['machine']})."]
+    rows = []
+    for model, res in d["results"].items():
+        for mode, r in res.items():
+            bound = d["bounds"].get(mode)
+            rows.append((model, mode, _num(r["ppl"], 3), f"{(r['ratio'] - 1) * 100:+.2f}%",
+                         "-" if bound is None else f"{bound * 100:.1f}%"
+                         + ("" if abs(r["ratio"] - 1) <= bound else " (missed)"),
+                         _num(r["max_abs_dlogprob"], 3), _num(r["mean_abs_dlogprob"], 4),
+                         _num(r["weight_bytes"] / 2**20), r["kv_bytes_per_token"]))
+    out.append(format_table(["model", "mode", "perplexity", "vs float32", "target", "max abs d log p",
+                             "mean abs d log p", "weights MiB", "KV B/token"], rows))
+    return "\n\n".join(out)
+
+
 def _pyplot():
     import matplotlib  # the `plot` extra: only the plots need it
 
@@ -243,6 +279,10 @@ def plot_serve(d: dict, path: Path) -> None:
 # (title, recognises, section, plot or None), tried in order
 KINDS: list[tuple[str, Callable[[dict], bool], Callable[[str, dict, str | None], str],
                   Callable[[dict, Path], None] | None]] = [
+    ("Quantized weights and KV cache, speed and memory (scripts/bench_engine.py --modes)",
+     lambda d: len(d.get("modes", {})) > 1, quant_engine_section, None),
+    ("Quantization quality (scripts/quant_quality.py)", lambda d: "bounds" in d and "results" in d,
+     quality_section, None),
     ("Engine v2, paged KV cache (scripts/bench_engine.py)", lambda d: "page_sizes" in d and "decode" in d,
      engine_v2_section, None),
     ("Prefix caching and memory (scripts/bench_prefix.py)", lambda d: "shared_prefix" in d or "small_pool" in d,
