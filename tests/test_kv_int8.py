@@ -16,9 +16,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxinfer.engine.engine import Engine
-from jaxinfer.engine.pages import KVPool, dequantize, quantize
+from jaxinfer.engine.engine import Engine, EngineConfig
+from jaxinfer.engine.pages import KVPool, dequantize, quantize, rotate_heads, rotation
 from jaxinfer.engine.types import SamplingParams
+from jaxinfer.evaluation.backend import EngineBackend
+from jaxinfer.evaluation.perplexity import evaluate_perplexity
+from jaxinfer.loading import build_engine
 from jaxinfer.metrics import Metrics
 from jaxinfer.scheduler import Request, Scheduler
 from tests.helpers.drive import PageAllocator, drive, score_direct
@@ -46,6 +49,18 @@ def test_quantize_round_trip():
     assert np.all(back[0, 0, 0] == 0) and float(s[0, 0, 0]) == 0.0
     q2, s2 = quantize(dequantize(q, s))  # stored values quantize to themselves
     np.testing.assert_array_equal(np.asarray(q2), np.asarray(q))
+
+
+@pytest.mark.parametrize("n", [64, 256, 48])  # SmolLM2's, Gemma 3's head size; not a power of two
+def test_key_rotation_is_orthogonal_and_spreads_an_outlier_channel(n):
+    r = rotation(n)
+    np.testing.assert_allclose(r @ r.T, np.eye(n), atol=1e-5)
+    rng = np.random.default_rng(1)
+    q, k = rng.normal(size=(2, 5, n)).astype(np.float32)
+    k[:, 3] = 40.0  # one channel far larger than the rest, as in Llama keys
+    qr, kr = np.asarray(rotate_heads(jnp.asarray(q))), np.asarray(rotate_heads(jnp.asarray(k)))
+    np.testing.assert_allclose((qr * kr).sum(-1), (q * k).sum(-1), rtol=1e-4, atol=1e-3)  # q . k kept
+    assert np.all(np.abs(kr).max(-1) < 0.5 * np.abs(k).max(-1))  # the absmax (the int8 step) shrinks
 
 
 def test_int8_pool_holds_four_times_float32_tokens_per_byte():
@@ -213,3 +228,34 @@ def test_sharded_int8_pool_equals_unsharded():
     assert sharded["shardings"] == ["P(None, None, None, 'model', None)", "P(None, None, None, 'model')"]
     assert sharded["tokens"] == base["tokens"]
     np.testing.assert_allclose(sharded["logprobs"], base["logprobs"], atol=1e-4)
+
+
+# --- real models ----------------------------------------------------------------------------------
+
+TEXT = (Path(__file__).resolve().parent / "data" / "ppl.txt").read_text()
+PPL_BOUND = 0.005  # int8 KV perplexity within 0.5% of the float32 pool's (issue 18)
+
+
+@pytest.mark.real
+@pytest.mark.parametrize("name", ["smollm2", "gemma3"])
+def test_real_model_perplexity_with_int8_kv_within_half_a_percent(request, name):
+    """Perplexity of tests/data/ppl.txt (one window of a few hundred tokens) with the int8 pool
+    within 0.5% of the float32 pool. The window is scored in pieces of 64 positions, so each piece
+    after the first reads every earlier key and value from the pool (int8 there); the first piece's
+    own keys take the same int8 round trip."""
+    d = request.getfixturevalue(f"{name}_dir")
+    ppl = {}
+    for dt in ("float32", "int8"):
+        eng = build_engine(d, EngineConfig(max_seqs=2, max_len=512, prefill_buckets=(64,), kv_cache_bytes=1 << 25,
+                                           cache_dtype=dt, lazy_compile=True))
+        assert eng.prefill_chunk == 64 and eng.pool.quantized == (dt == "int8")
+        backend = EngineBackend(eng)
+        n = len(backend.tokenize(TEXT))
+        assert 256 < n <= 512  # one window, at least four pieces
+        (doc,) = evaluate_perplexity(backend, [("ppl", TEXT)], window=512)
+        ppl[dt] = doc.perplexity
+        del eng, backend
+    ratio = ppl["int8"] / ppl["float32"]
+    print(f"{name}: perplexity float32 KV {ppl['float32']:.4f}, int8 KV {ppl['int8']:.4f}, ratio {ratio:.5f}")
+    assert abs(ratio - 1) < PPL_BOUND
+    assert ratio != 1  # the int8 pool is in use

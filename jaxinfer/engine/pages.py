@@ -24,26 +24,40 @@ scale per token and kv head, ``k_scale`` and ``v_scale`` ``[layers, num_pages
 + 1, page_size, kv_heads]``, sharded like the pool. Quantization is symmetric:
 a head's ``head_dim`` values share ``scale = absmax / 127`` and are stored as
 ``round(x / scale)``. ``write`` quantizes the new keys and values; ``read``
-dequantizes the gathered ones, so attention sees float keys and values and the
-conversion is fused into the gather inside the jitted forward. The new tokens
-themselves attend to their own keys and values through the same round trip
-(``stored``), so a position's result is the same whether its earlier keys came
-from the pool (a later chunk, a prefix-cache hit, decode, a recompute after
-preemption) or from the same call. The scales are
-float32: they are a small part of a token's bytes (4 per ``head_dim`` int8
-values), bfloat16 would round each scale by up to 2**-9 (a systematic error on
-every value of the head, of the order of the int8 rounding itself), and the
-multiply happens in float32 anyway on a CPU, which has no bfloat16 arithmetic.
-A float pool has no scales (``None``) and runs exactly the ops it ran before
-int8 existed.
+dequantizes the gathered ones inside the jitted forward (XLA fuses the
+conversion into the gather), so attention computes in float as before.
+
+Keys are held rotated: ``k @ R`` for a fixed orthogonal ``R`` of ``head_dim``
+(a normalized Hadamard matrix where ``head_dim`` is a power of two). Keys have
+a few channels far larger than the rest (SmolLM2's most of all); per-token
+absmax scaling then leaves the other channels a handful of steps, and keys
+were most of the perplexity an int8 pool cost (docs/quantization.md).
+``R`` spreads each channel over all of them. Attention needs only ``q . k``,
+and ``(q @ R) . (k @ R) = q . k``, so the queries are rotated instead of the
+keys being rotated back: one ``head_dim`` square matmul per query, nothing
+per key read. Values are held unrotated (their error was small).
+
+The new tokens attend to their own keys and values through the same round
+trip (``stored``), so a position's result does not depend on whether its
+earlier keys came from the pool (a later chunk, a prefix-cache hit, decode, a
+recompute after preemption) or from the same call.
+
+The scales are float32: they are a small part of a token's bytes (4 per
+``head_dim`` int8 values), bfloat16 would round each scale by up to 2**-9 (a
+systematic error on every value of the head, of the order of the int8
+rounding itself), and on a CPU, which has no bfloat16 arithmetic, the
+multiply is float32 anyway. A float pool has no scales (``None``) and runs
+exactly the ops it ran before int8 existed.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxinfer.config import ModelConfig
 
@@ -116,13 +130,14 @@ class PagedContext:
         pos = jnp.broadcast_to(jnp.arange(W * ps, dtype=jnp.int32), (B, W * ps))
         return k, v, pos, pos < self.length[:, None]
 
-    def stored(self, k, v):
-        """The new keys and values as ``read`` will give them back: unchanged for
-        a float pool (its own dtype is not applied, as before int8 existed), the
-        int8 round trip for an int8 one."""
+    def stored(self, q, k, v):
+        """The new tokens' queries, keys and values as attention compares them with
+        what ``read`` gives: unchanged for a float pool (its dtype is not applied,
+        as before int8 existed); for an int8 one the queries rotated, the keys
+        rotated and through the int8 round trip, the values through the round trip."""
         if not self.pool.quantized:
-            return k, v
-        return dequantize(*quantize(k)), dequantize(*quantize(v))
+            return q, k, v
+        return rotate_heads(q), dequantize(*quantize(rotate_heads(k))), dequantize(*quantize(v))
 
     def write(self, k, v) -> "PagedContext":
         """k, v [L, B, T, G, Hd]: every layer's new keys and values."""
@@ -137,7 +152,7 @@ class PagedContext:
             return flat.reshape(pool.shape)
 
         if self.pool.quantized:
-            (qk, sk), (qv, sv) = quantize(k), quantize(v)
+            (qk, sk), (qv, sv) = quantize(rotate_heads(k)), quantize(v)
             pool = KVPool(put(self.pool.k, qk), put(self.pool.v, qv), put(self.pool.k_scale, sk),
                           put(self.pool.v_scale, sv))
         else:
@@ -157,6 +172,25 @@ def quantize(x: jax.Array) -> tuple[jax.Array, jax.Array]:
 def dequantize(q: jax.Array, scale: jax.Array) -> jax.Array:
     """int8 [..., Hd] and scale [...] -> float32 [..., Hd]."""
     return q.astype(SCALE_DTYPE) * scale[..., None]
+
+
+@functools.lru_cache(maxsize=None)
+def rotation(n: int) -> np.ndarray:
+    """A fixed orthogonal float32 [n, n]: the normalized Hadamard matrix (Sylvester's, symmetric)
+    where n is a power of two, else the Q of a seeded Gaussian matrix's QR."""
+    if n & (n - 1) == 0:
+        h = np.ones((1, 1))
+        while h.shape[0] < n:
+            h = np.block([[h, h], [h, -h]])
+        return (h / np.sqrt(n)).astype(np.float32)
+    q, r = np.linalg.qr(np.random.default_rng(0).standard_normal((n, n)))
+    return (q * np.sign(np.diag(r))).astype(np.float32)
+
+
+def rotate_heads(x: jax.Array) -> jax.Array:
+    """x [..., Hd] @ rotation(Hd), in float32; float32 out."""
+    return jnp.einsum("...k,kj->...j", x.astype(SCALE_DTYPE), jnp.asarray(rotation(x.shape[-1])),
+                      precision=jax.lax.Precision.HIGHEST)
 
 
 def slots_of(table: jax.Array, positions: jax.Array, page_size: int) -> jax.Array:
