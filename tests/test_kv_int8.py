@@ -259,3 +259,22 @@ def test_real_model_perplexity_with_int8_kv_within_half_a_percent(request, name)
     print(f"{name}: perplexity float32 KV {ppl['float32']:.4f}, int8 KV {ppl['int8']:.4f}, ratio {ratio:.5f}")
     assert abs(ratio - 1) < PPL_BOUND
     assert ratio != 1  # the int8 pool is in use
+
+
+# --- the benchmark's side-by-side rows -------------------------------------------------------------
+
+
+@pytest.mark.slow  # compiles two engines' prefill and decode programs
+def test_bench_engine_kv_dtypes_side_by_side(capsys):
+    from types import SimpleNamespace
+
+    from jaxinfer.model.transformer import params_tree
+    from scripts import bench_engine
+
+    ckpt = SimpleNamespace(config=LLAMA_TINY, params=params_tree(make_model(LLAMA_TINY)))
+    f32, i8 = bench_engine.bench_kv_dtypes(ckpt, None, ["float32", "int8"], [2], [16], steps=2, repeat=1, page=PAGE,
+                                           buckets=(16, 32))
+    assert f32["budget_bytes"] == i8["budget_bytes"] and i8["pool_bytes"] <= f32["pool_bytes"]
+    assert i8["tokens"] / f32["tokens"] == pytest.approx(384 / 144, rel=0.05)  # head_dim 8: 4 * 8 / (8 + 4)
+    assert [d["batch"] for d in i8["decode"]] == [2] and all(d["tok_s"] > 0 for d in f32["decode"] + i8["decode"])
+    assert "int8" in capsys.readouterr().out
