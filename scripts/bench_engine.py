@@ -243,7 +243,8 @@ def bench_kv_dtypes(ckpt, mesh, dtypes, batches, contexts, steps: int, repeat: i
                 print(f"kv {dt}: decode batch {b} ctx {ctx}: {t * 1e3:.1f} ms/step, {b / t:.1f} tok/s", file=sys.stderr)
     del engines
     base = rows[0]
-    print(f"{'KV cache':<10}{'pool MiB':>10}{'B/token':>9}{'tokens':>9}{'x tokens':>9}  decode tok/s (x {base['kv_dtype']})")
+    print(f"{'KV cache':<10}{'pool MiB':>10}{'B/token':>9}{'tokens':>9}{'x tokens':>9}"
+          f"  decode tok/s (x {base['kv_dtype']})")
     for row in rows:
         speeds = "  ".join(f"b{d['batch']} ctx {d['context']}: {d['tok_s']:.1f} ({d['tok_s'] / d0['tok_s']:.2f})"
                            for d, d0 in zip(row["decode"], base["decode"]))
