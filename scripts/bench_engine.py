@@ -4,6 +4,8 @@
 In one run on one machine, with the same weights:
   * prefill seconds for prompts of 128 / 512 tokens (one sequence, from position 0);
   * decode tokens/s at batch 1, 8 and 32, at context 128 and 1024;
+  * with ``--kv-cache-dtype float32,int8``, the decode cases once per KV cache
+    dtype, each in the bytes of the float32 pool: bytes and tokens held, tok/s;
   * with ``--page-sizes``, the decode case at the largest batch and context for
     each page size (how the default page size was picked);
   * with ``--modes``, every case once per weight format (float32, int8 with each
@@ -16,6 +18,7 @@ In one run on one machine, with the same weights:
     python scripts/bench_engine.py --quick                      # a smoke run
     python scripts/bench_engine.py --modes float32,int8-w8a8,int8-weight-only,int4
     python scripts/bench_engine.py --page-sizes 16,64,128 --batches 32 --contexts 1024 --prefill 128
+    python scripts/bench_engine.py --kv-cache-dtype float32,int8   # KV cache dtypes in the same bytes
     python scripts/bench_engine.py --preset llama3-8b-shape --dtype bfloat16 --batches 1,64,256 \
         --contexts 1024 --prefill 2048                          # GPU: random weights
 
@@ -207,6 +210,49 @@ def print_modes(results: dict, modes: list[str]) -> None:
               + "".join(f"{c:>11.1f} ({c / cells[0]:.2f}x)" for c in cells))
 
 
+def bench_kv_dtypes(ckpt, mesh, dtypes, batches, contexts, steps: int, repeat: int, page: int, buckets) -> list[dict]:
+    """``--kv-cache-dtype``: one engine per KV cache dtype, each given the bytes of a float32 pool
+    that holds the largest decode case, so the rows compare tokens held per byte and decode speed.
+    The engines are timed in turn, ``repeat`` rounds (median), so a load change on a shared machine
+    falls on all of them."""
+    import jax.numpy as jnp
+
+    from jaxinfer.engine.engine import Engine, EngineConfig
+    from jaxinfer.engine.pages import KVPool
+    from jaxinfer.model.transformer import Transformer
+
+    per_row = max(contexts) + steps * 4 + 2 + page  # bench_decode's pages per row, rounded up
+    budget = max(batches) * math.ceil(per_row / page) * page * KVPool.bytes_per_token(ckpt.config, jnp.float32)
+    engines, rows = [], []
+    for dt in dtypes:
+        cfg = EngineConfig(max_seqs=max(batches), max_len=2 * max(contexts), page_size=page, prefill_buckets=buckets,
+                           kv_cache_bytes=budget, decode_batches=(1, 8), cache_dtype=dt, lazy_compile=True)
+        eng = Engine(Transformer(ckpt.config, params=ckpt.params), cfg, mesh=mesh)
+        engines.append(eng)
+        rows.append({"kv_dtype": dt, "format": eng.kv_dtype, "budget_bytes": budget, "pool_bytes": eng.pool_bytes,
+                     "bytes_per_token": eng.bytes_per_token, "tokens": eng.num_pages * eng.page_size, "decode": []})
+    for ctx in contexts:
+        for b in batches:
+            times = [[] for _ in engines]
+            for _ in range(repeat):
+                for eng, ts in zip(engines, times):
+                    ts.append(bench_decode(eng, b, ctx, steps, repeat=1))
+            for dt, row, ts in zip(dtypes, rows, times):
+                t = float(np.median(ts))
+                row["decode"].append({"batch": b, "context": ctx, "step_ms": t * 1e3, "tok_s": b / t})
+                print(f"kv {dt}: decode batch {b} ctx {ctx}: {t * 1e3:.1f} ms/step, {b / t:.1f} tok/s", file=sys.stderr)
+    del engines
+    base = rows[0]
+    print(f"{'KV cache':<10}{'pool MiB':>10}{'B/token':>9}{'tokens':>9}{'x tokens':>9}"
+          f"  decode tok/s (x {base['kv_dtype']})")
+    for row in rows:
+        speeds = "  ".join(f"b{d['batch']} ctx {d['context']}: {d['tok_s']:.1f} ({d['tok_s'] / d0['tok_s']:.2f})"
+                           for d, d0 in zip(row["decode"], base["decode"]))
+        print(f"{row['kv_dtype']:<10}{row['pool_bytes'] / 2**20:>10.1f}{row['bytes_per_token']:>9}{row['tokens']:>9}"
+              f"{row['tokens'] / base['tokens']:>9.2f}  {speeds}")
+    return rows
+
+
 def run_reference(ref: Path, args) -> dict:
     """The other commit's own bench, over its own package, in a subprocess."""
     with tempfile.TemporaryDirectory() as d:
@@ -236,6 +282,9 @@ def main(argv=None) -> int:
     p.add_argument("--repeat", type=int, default=3, help="timings per case (median)")
     p.add_argument("--page-size", type=int, default=None, help="page size (default: the engine's)")
     p.add_argument("--page-sizes", default=None, help="also time the largest decode case at these page sizes")
+    p.add_argument("--kv-cache-dtype", default=None, metavar="DT,DT,...",
+                   help="also run the decode cases with each KV cache dtype (float32, bfloat16, int8) in the "
+                   "bytes of a float32 pool: bytes and tokens held, decode tokens/s side by side")
     p.add_argument("--ref", type=Path, default=None, help="a checkout of another commit to run side by side")
     p.add_argument("--modes", default="float32", help=f"weight formats to run side by side, of {', '.join(MODES)} "
                    "(int8: this backend's default matmul)")
@@ -287,6 +336,9 @@ def main(argv=None) -> int:
             res["page_sizes"].append({"page_size": ps, "batch": b, "context": ctx, "step_ms": t * 1e3})
             print(f"page size {ps}: batch {b} ctx {ctx}: {t * 1e3:.1f} ms/step", file=sys.stderr)
             del eng
+    if args.kv_cache_dtype:
+        res["kv_cache"] = bench_kv_dtypes(ckpt, mesh, args.kv_cache_dtype.split(","), batches, contexts, args.steps,
+                                          args.repeat, page, buckets)
     if args.ref:
         ref = run_reference(args.ref.resolve(), args)
         res["reference"] = {"path": str(args.ref), "prefill": ref["prefill"], "decode": ref["decode"]}

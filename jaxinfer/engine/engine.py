@@ -43,7 +43,7 @@ from jaxinfer import sharding as shd
 from jaxinfer.config import ModelConfig
 from jaxinfer.engine import programs
 from jaxinfer.engine.config import CPU_KV_CACHE_BYTES, MAX_LEN_CAP, EngineConfig
-from jaxinfer.engine.pages import POOL_AXES, KVPool
+from jaxinfer.engine.pages import INT8, POOL_AXES, SCALE_AXES, SCALE_DTYPE, KVPool
 from jaxinfer.engine.programs import DecodeState
 from jaxinfer.engine.handles import StepResult
 from jaxinfer.engine.sampling import Sampled, SlotSampling
@@ -210,13 +210,19 @@ class Engine:
         m, R, V = self.mesh, self.max_seqs, self.cfg.vocab_size
         pool_shape = KVPool.shape(self.cfg, self.num_pages, self.page_size)
         pool_sh = shd.named_sharding(POOL_AXES, pool_shape, m, what="kv pool")
-        self._pool_sharding = KVPool(pool_sh, pool_sh)
+        zeros = jax.jit(lambda: jnp.zeros(pool_shape, self.cache_dtype), out_shardings=pool_sh)
+        if self.cache_dtype == INT8:  # int8 keys and values, a float32 scale per token and kv head
+            scale_sh = shd.named_sharding(SCALE_AXES, pool_shape[:-1], m, what="kv pool scales")
+            scales = jax.jit(lambda: jnp.zeros(pool_shape[:-1], SCALE_DTYPE), out_shardings=scale_sh)
+            self._pool_sharding = KVPool(pool_sh, pool_sh, scale_sh, scale_sh)
+            self.pool = KVPool(zeros(), zeros(), scales(), scales())
+        else:
+            self._pool_sharding = KVPool(pool_sh, pool_sh)
+            self.pool = KVPool(zeros(), zeros())
         row = shd.named_sharding(("slots",), (R,), m, what="decode rows")
         row2 = shd.named_sharding(("slots", None), (R, 2), m, what="seeds")
         rv = shd.named_sharding(("slots", "vocab"), (R, V), m, what="token counts")
         self._state_sharding = DecodeState(row, row, SlotSampling(*([row] * 7), seed=row2), rv, rv)
-        zeros = jax.jit(lambda: jnp.zeros(pool_shape, self.cache_dtype), out_shardings=pool_sh)
-        self.pool = KVPool(zeros(), zeros())
         self.state = jax.jit(lambda: DecodeState.zeros(R, V), out_shardings=self._state_sharding)()
 
     def _build_jits(self) -> None:
@@ -621,14 +627,19 @@ class Engine:
 
     @property
     def pool_bytes(self) -> int:
-        return 2 * math.prod(self.pool.k.shape) * self.pool.k.dtype.itemsize
+        return self.pool.nbytes
+
+    @property
+    def kv_dtype(self) -> str:
+        """The pool's format: the cache dtype, and for int8 its scales'."""
+        return f"int8 + {SCALE_DTYPE} scale per token and kv head" if self.pool.quantized else str(self.cache_dtype)
 
     def describe(self) -> str:
         s = self.stats()
         return (
             f"{self.name}: {s.max_seqs} decode rows, KV pool {s.num_pages} pages x {s.page_size} tokens "
             f"= {s.num_pages * s.page_size} tokens, {s.pool_bytes / 2**20:.1f} MiB ({s.bytes_per_token} B/token, "
-            f"{self.cache_dtype}), max_len {s.max_len}, weights {self.dtype}"
+            f"{self.kv_dtype}), max_len {s.max_len}, weights {self.dtype}"
             + (f" (checkpoint {self.checkpoint_dtype})" if self.checkpoint_dtype != self.dtype else "")
             + (f", {self.quant} projections ({self.matmul} matmuls)" if self.quant else "")
             + f", {param_bytes(self) / 2**20:.1f} MiB of weights"

@@ -39,10 +39,16 @@ class KVContext(Protocol):
     ``read(layer)`` gives that layer's earlier keys and values ``[B, S, kv_heads,
     head_dim]`` with their positions ``[B, S]`` and a validity mask ``[B, S]``;
     ``write(k, v)`` takes every layer's new keys and values ``[L, B, T,
-    kv_heads, head_dim]`` and returns the updated context. It is a pytree, so it
-    passes through ``jit`` and ``scan``."""
+    kv_heads, head_dim]`` and returns the updated context; ``stored(q, k, v)``
+    gives one layer's new queries, keys and values as attention compares them
+    with what ``read`` gives (the same arrays for a float cache; for an int8 one
+    as the cache holds them, so that the new tokens attend to what every later
+    token will see, in the basis the cache holds keys in). It is a pytree, so
+    it passes through ``jit`` and ``scan``."""
 
     def read(self, layer: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]: ...
+
+    def stored(self, q: jax.Array, k: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]: ...
 
     def write(self, k: jax.Array, v: jax.Array) -> "KVContext": ...
 
@@ -200,8 +206,10 @@ class Transformer(nnx.Module):
         keys, values, key_pos, key_ok = k, v, positions, jnp.ones(positions.shape, bool)
         if context is not None:
             old_k, old_v, old_pos, old_ok = context.read(layer)
-            keys = jnp.concatenate([old_k.astype(k.dtype), k], axis=1)
-            values = jnp.concatenate([old_v.astype(v.dtype), v], axis=1)
+            new_q, new_k, new_v = context.stored(q, k, v)
+            q = new_q.astype(q.dtype)
+            keys = jnp.concatenate([old_k.astype(k.dtype), new_k.astype(k.dtype)], axis=1)
+            values = jnp.concatenate([old_v.astype(v.dtype), new_v.astype(v.dtype)], axis=1)
             key_pos = jnp.concatenate([old_pos, positions], axis=1)
             key_ok = jnp.concatenate([old_ok, key_ok], axis=1)
         mask = visible(positions, key_pos, cfg.sliding_window, local) & key_ok[:, None, :]

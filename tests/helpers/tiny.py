@@ -35,9 +35,11 @@ NUM_PAGES = 96
 
 
 def engine_config(cfg, num_pages: int = NUM_PAGES, **kw) -> EngineConfig:
-    """A small engine for ``cfg``: 4 rows, pages of 8, a pool of ``num_pages`` pages, 128 positions."""
+    """A small engine for ``cfg``: 4 rows, pages of 8, a pool of ``num_pages`` pages (of the
+    ``cache_dtype`` given, else float32), 128 positions."""
+    per_token = KVPool.bytes_per_token(cfg, kw.get("cache_dtype") or jnp.float32)
     base = dict(max_seqs=4, max_len=128, page_size=PAGE, prefill_buckets=(16, 32), decode_batches=(2,),
-                kv_cache_bytes=num_pages * PAGE * KVPool.bytes_per_token(cfg, jnp.float32))
+                kv_cache_bytes=num_pages * PAGE * per_token)
     return EngineConfig(**{**base, **kw})
 
 
