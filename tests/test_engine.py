@@ -16,7 +16,7 @@ from jaxinfer.engine.sampling import SlotSampling, sample
 from jaxinfer.engine.types import SamplingParams
 from jaxinfer.model.transformer import Transformer
 from jaxinfer.model.weights import nest, random_weights
-from tests.helpers.drive import PageAllocator, drive
+from tests.helpers.drive import PageAllocator, drive, assert_same_tokens, first_and_decodes
 from tests.helpers.tiny import GEMMA_TINY, LLAMA_TINY, PAGE, engine_config, make_model, prompt_of
 
 @pytest.fixture(scope="module", params=[LLAMA_TINY, GEMMA_TINY], ids=["llama", "gemma3"])
@@ -53,27 +53,14 @@ def test_prefill_then_decode_matches_full_forward(engine: Engine, n_prompt: int)
                                atol=2e-5)
 
 
-def _first_and_decodes(engine, row, pieces, pages, n_decode=5, params=SamplingParams(logprobs=3)):
-    """Prefill ``pieces`` ((start, tokens) each, the last one sampled), then decode."""
-    for k, (start, toks) in enumerate(pieces):
-        tok = engine.prefill(row, toks, params, pages=pages, start=start, last=k == len(pieces) - 1)
-    out = [tok] + [engine.decode([row], {row: pages}).result()[row] for _ in range(n_decode)]
-    engine.release(row)
-    return out
-
-
-def _same(a, b):
-    assert [t.token for t in a] == [t.token for t in b]
-    assert [t.top_ids for t in a] == [t.top_ids for t in b]
-    np.testing.assert_allclose([t.logprob for t in a], [t.logprob for t in b], atol=2e-5)
 
 
 def test_chunked_prefill_at_offsets_equals_one_shot(engine: Engine):
     prompt = prompt_of(30, seed=7)
     pages = PageAllocator(engine.num_pages, seed=1).take(6)
-    one = _first_and_decodes(engine, 0, [(0, prompt)], pages)
-    chunked = _first_and_decodes(engine, 1, [(0, prompt[:11]), (11, prompt[11:23]), (23, prompt[23:])], pages)
-    _same(one, chunked)
+    one = first_and_decodes(engine, 0, [(0, prompt)], pages)
+    chunked = first_and_decodes(engine, 1, [(0, prompt[:11]), (11, prompt[11:23]), (23, prompt[23:])], pages)
+    assert_same_tokens(one, chunked)
 
 
 def test_prefill_over_a_cached_prefix_equals_from_zero(engine: Engine):
@@ -82,13 +69,13 @@ def test_prefill_over_a_cached_prefix_equals_from_zero(engine: Engine):
     alloc = PageAllocator(engine.num_pages, seed=2)
     shared = prompt_of(24, seed=3)  # three full pages
     a_pages = alloc.take(5)
-    _first_and_decodes(engine, 0, [(0, shared + prompt_of(7, seed=4))], a_pages)
+    first_and_decodes(engine, 0, [(0, shared + prompt_of(7, seed=4))], a_pages)
     b_prompt = shared + prompt_of(6, seed=5)
     fresh_pages = alloc.take(5)
-    want = _first_and_decodes(engine, 1, [(0, b_prompt)], fresh_pages)
+    want = first_and_decodes(engine, 1, [(0, b_prompt)], fresh_pages)
     hit_pages = a_pages[:3] + alloc.take(2)
-    got = _first_and_decodes(engine, 2, [(24, b_prompt[24:])], hit_pages)
-    _same(want, got)
+    got = first_and_decodes(engine, 2, [(24, b_prompt[24:])], hit_pages)
+    assert_same_tokens(want, got)
     # and through prefill_many, beside a fresh prompt
     other = prompt_of(9, seed=6)
     firsts = engine.prefill_many([(1, b_prompt[24:], SamplingParams(logprobs=3), 24, hit_pages),
@@ -137,7 +124,7 @@ def test_multi_step_decode_equals_single_steps(engine: Engine):
     single = drive(eng, prompts, params, max_tokens=10)
     multi = drive(eng, prompts, params, max_tokens=10, steps=3)
     for a, b in zip(single, multi):
-        _same(a["tokens"], b["tokens"])
+        assert_same_tokens(a["tokens"], b["tokens"])
     assert any(k[0] == "decode_k" for k in eng._compiled)
     assert len(set(single[0]["token_ids"])) > 1  # not a constant stream
     with pytest.raises(ValueError, match="decode_steps=3"):
@@ -165,7 +152,7 @@ def test_prefill_many_equals_one_at_a_time(engine: Engine):
             engine.release(r)
         return [bystander, *firsts] + [t for step in steps for t in step.values()]
 
-    _same(run(True), run(False))
+    assert_same_tokens(run(True), run(False))
     pg = list(range(4))
     with pytest.raises(ValueError, match="at most 16 tokens"):
         engine.prefill_many([(0, prompt_of(17), SamplingParams(), 0, pg), (1, prompt_of(3), SamplingParams(), 0, pg)])

@@ -24,7 +24,7 @@ from jaxinfer.evaluation.perplexity import evaluate_perplexity
 from jaxinfer.loading import build_engine
 from jaxinfer.metrics import Metrics
 from jaxinfer.scheduler import Request, Scheduler
-from tests.helpers.drive import PageAllocator, drive, score_direct
+from tests.helpers.drive import PageAllocator, drive, score_direct, assert_same_tokens, first_and_decodes
 from tests.helpers.fakes import FakeDetokenizer
 from tests.helpers.tiny import GEMMA_TINY, LLAMA_TINY, PAGE, engine_config, make_model, prompt_of
 
@@ -135,19 +135,6 @@ def i8() -> Engine:
                                                         lazy_compile=True))
 
 
-def _first_and_decodes(engine, row, pieces, pages, n_decode=5):
-    params = SamplingParams(logprobs=3)
-    for k, (start, toks) in enumerate(pieces):
-        tok = engine.prefill(row, toks, params, pages=pages, start=start, last=k == len(pieces) - 1)
-    out = [tok] + [engine.decode([row], {row: pages}).result()[row] for _ in range(n_decode)]
-    engine.release(row)
-    return out
-
-
-def _same(a, b):
-    assert [t.token for t in a] == [t.token for t in b]
-    assert [t.top_ids for t in a] == [t.top_ids for t in b]
-    np.testing.assert_allclose([t.logprob for t in a], [t.logprob for t in b], atol=2e-5)
 
 
 def test_chunks_and_prefix_hit_equal_one_prefill(i8):
@@ -156,14 +143,14 @@ def test_chunks_and_prefix_hit_equal_one_prefill(i8):
     alloc = PageAllocator(i8.num_pages, seed=2)
     shared = prompt_of(24, seed=3)  # three full pages
     b_prompt = shared + prompt_of(6, seed=5)
-    one = _first_and_decodes(i8, 0, [(0, b_prompt)], alloc.take(5))
-    chunked = _first_and_decodes(i8, 1, [(0, b_prompt[:11]), (11, b_prompt[11:23]), (23, b_prompt[23:])],
+    one = first_and_decodes(i8, 0, [(0, b_prompt)], alloc.take(5))
+    chunked = first_and_decodes(i8, 1, [(0, b_prompt[:11]), (11, b_prompt[11:23]), (23, b_prompt[23:])],
                                  alloc.take(5))
-    _same(one, chunked)
+    assert_same_tokens(one, chunked)
     a_pages = alloc.take(5)
-    _first_and_decodes(i8, 2, [(0, shared + prompt_of(7, seed=4))], a_pages)
-    hit = _first_and_decodes(i8, 3, [(24, b_prompt[24:])], a_pages[:3] + alloc.take(2))
-    _same(one, hit)
+    first_and_decodes(i8, 2, [(0, shared + prompt_of(7, seed=4))], a_pages)
+    hit = first_and_decodes(i8, 3, [(24, b_prompt[24:])], a_pages[:3] + alloc.take(2))
+    assert_same_tokens(one, hit)
     # scores: one piece against three over the pages the first ones wrote
     seq = prompt_of(31, seed=6)
     alloc = PageAllocator(i8.num_pages, seed=7)

@@ -86,3 +86,20 @@ def score_direct(engine, context, continuation, *, pages: PageAllocator | None =
     k = len(context) - 1
     return ScoreOutput(float(sum(lps[k:])), tuple(lps[k:]), tuple(tops[k:]) == tuple(continuation), tuple(context),
                        tuple(continuation), tuple(tops[k:]), tuple(top_lps[k:]))
+
+
+def first_and_decodes(engine, row, pieces, pages, n_decode=5, params=SamplingParams(logprobs=3)):
+    """Prefill ``pieces`` ((start, tokens) each, the last one sampled) into ``row``, decode
+    ``n_decode`` more, release the row; returns the SlotTokens."""
+    for k, (start, toks) in enumerate(pieces):
+        tok = engine.prefill(row, toks, params, pages=pages, start=start, last=k == len(pieces) - 1)
+    out = [tok] + [engine.decode([row], {row: pages}).result()[row] for _ in range(n_decode)]
+    engine.release(row)
+    return out
+
+
+def assert_same_tokens(a, b, atol=2e-5):
+    """Two runs' SlotTokens: the same tokens and top ids, log-probs within ``atol``."""
+    assert [t.token for t in a] == [t.token for t in b]
+    assert [t.top_ids for t in a] == [t.top_ids for t in b]
+    np.testing.assert_allclose([t.logprob for t in a], [t.logprob for t in b], atol=atol)
